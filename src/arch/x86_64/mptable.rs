@@ -1,0 +1,238 @@
+//! The Intel MultiProcessor Specification (1.4) table: how a kernel without ACPI learns about
+//! the CPUs, the IOAPIC and how ISA interrupts are wired. Linux scans 639 KiB for the
+//! floating pointer, so both structures live at [`EBDA_START`], below [`LOW_RAM_END`].
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::x86_64::layout::{APIC_START, EBDA_START, IOAPIC_PINS, IOAPIC_START, LOW_RAM_END};
+use crate::boot::BootError;
+use crate::memory::GuestMemory;
+
+/// Floating pointer structure size.
+const MPF_SIZE: usize = 16;
+/// Configuration table header size.
+const MPC_HEADER_SIZE: usize = 44;
+/// Processor entry size.
+const CPU_ENTRY_SIZE: usize = 20;
+/// Bus, IOAPIC, I/O interrupt and local interrupt entry size.
+const SMALL_ENTRY_SIZE: usize = 8;
+/// Entries besides the processors: bus, IOAPIC, one I/O interrupt per IOAPIC pin, two local
+/// interrupts.
+const OTHER_ENTRIES: usize = 1 + 1 + IOAPIC_PINS as usize + 2;
+/// Bytes not depending on the CPU count.
+const FIXED_SIZE: usize = MPF_SIZE + MPC_HEADER_SIZE + OTHER_ENTRIES * SMALL_ENTRY_SIZE;
+
+/// Most vCPUs whose table fits between [`EBDA_START`] and [`LOW_RAM_END`].
+pub const MAX_VCPUS: u32 =
+    ((LOW_RAM_END - EBDA_START) as usize - FIXED_SIZE) as u32 / CPU_ENTRY_SIZE as u32;
+
+/// MP spec revision 1.4.
+const MP_SPEC_REV: u8 = 4;
+/// Local APIC / IOAPIC version reported (that of an integrated xAPIC, as KVM emulates).
+const APIC_VERSION: u8 = 0x14;
+/// Processor flags.
+const CPU_ENABLED: u8 = 1;
+const CPU_BOOTPROCESSOR: u8 = 2;
+/// CPU signature (family 6) and feature flags (FPU, APIC) reported per processor.
+const CPU_SIGNATURE: u32 = 0x600;
+const CPU_FEATURES: u32 = (1 << 9) | 1;
+/// Entry types.
+const MP_PROCESSOR: u8 = 0;
+const MP_BUS: u8 = 1;
+const MP_IOAPIC: u8 = 2;
+const MP_INTSRC: u8 = 3;
+const MP_LINTSRC: u8 = 4;
+/// Interrupt types.
+const MP_INT: u8 = 0;
+const MP_NMI: u8 = 1;
+const MP_EXTINT: u8 = 3;
+/// IOAPIC flag: usable.
+const MPC_APIC_USABLE: u8 = 1;
+
+/// Builds floating pointer + configuration table for `vcpus` CPUs (APIC ids `0..vcpus`, CPU 0
+/// the boot processor), one ISA bus, the IOAPIC (id `vcpus`) with ISA IRQ *n* on pin *n* for
+/// every pin, ExtINT on LINT0 of the BSP (the 8259 path) and NMI on LINT1 of all CPUs.
+/// The result is meant to be written at [`EBDA_START`].
+///
+/// ```
+/// use smolvm::arch::x86_64::mptable;
+/// let t = mptable::build(2).unwrap();
+/// assert_eq!(&t[..4], b"_MP_");
+/// assert_eq!(&t[16..20], b"PCMP");
+/// assert!(mptable::build(mptable::MAX_VCPUS + 1).is_err());
+/// ```
+pub fn build(vcpus: u32) -> Result<Vec<u8>, BootError> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(BootError::TooManyVcpus(vcpus));
+    }
+    let ncpu = vcpus as u8; // <= MAX_VCPUS < 255
+    let ioapic_id = ncpu;
+    let table_addr = EBDA_START + MPF_SIZE as u64;
+
+    let mut entries: Vec<u8> = Vec::new();
+    for id in 0..ncpu {
+        entries.extend_from_slice(&[
+            MP_PROCESSOR,
+            id,
+            APIC_VERSION,
+            CPU_ENABLED | if id == 0 { CPU_BOOTPROCESSOR } else { 0 },
+        ]);
+        entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
+        entries.extend_from_slice(&CPU_FEATURES.to_le_bytes());
+        entries.extend_from_slice(&[0; 8]);
+    }
+    entries.extend_from_slice(&[MP_BUS, 0]);
+    entries.extend_from_slice(b"ISA   ");
+    entries.extend_from_slice(&[MP_IOAPIC, ioapic_id, APIC_VERSION, MPC_APIC_USABLE]);
+    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    for pin in 0..IOAPIC_PINS as u8 {
+        // Type, flags (conforming polarity/trigger), source bus 0 IRQ, destination IOAPIC pin.
+        entries.extend_from_slice(&[MP_INTSRC, MP_INT, 0, 0, 0, pin, ioapic_id, pin]);
+    }
+    entries.extend_from_slice(&[MP_LINTSRC, MP_EXTINT, 0, 0, 0, 0, 0, 0]);
+    entries.extend_from_slice(&[MP_LINTSRC, MP_NMI, 0, 0, 0, 0, 0xff, 1]);
+    let entry_count = ncpu as u16 + OTHER_ENTRIES as u16;
+
+    let mut table = Vec::with_capacity(MPC_HEADER_SIZE + entries.len());
+    table.extend_from_slice(b"PCMP");
+    table.extend_from_slice(&((MPC_HEADER_SIZE + entries.len()) as u16).to_le_bytes());
+    table.extend_from_slice(&[MP_SPEC_REV, 0]); // checksum patched below
+    table.extend_from_slice(b"SMOLVM  ");
+    table.extend_from_slice(b"MICROVM     ");
+    table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
+    table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
+    table.extend_from_slice(&entry_count.to_le_bytes());
+    table.extend_from_slice(&(APIC_START as u32).to_le_bytes());
+    table.extend_from_slice(&0u32.to_le_bytes()); // extended table length + checksum + rsvd
+    table.extend_from_slice(&entries);
+    table[7] = checksum(&table);
+
+    let mut out = Vec::with_capacity(MPF_SIZE + table.len());
+    out.extend_from_slice(b"_MP_");
+    out.extend_from_slice(&(table_addr as u32).to_le_bytes());
+    out.extend_from_slice(&[1, MP_SPEC_REV, 0, 0, 0, 0, 0, 0]); // length in 16-byte units
+    out[10] = checksum(&out);
+    out.extend_from_slice(&table);
+    debug_assert_eq!(out.len(), FIXED_SIZE + vcpus as usize * CPU_ENTRY_SIZE);
+    Ok(out)
+}
+
+/// Builds the table for `vcpus` CPUs (see [`build`]) and writes it at [`EBDA_START`].
+///
+/// # Errors
+/// [`BootError::TooManyVcpus`] for 0 or more than [`MAX_VCPUS`] CPUs.
+///
+/// ```
+/// use smolvm::arch::x86_64::{layout, mptable};
+/// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+/// mptable::setup_mptable(&mem, 4).unwrap();
+/// ```
+pub fn setup_mptable(mem: &GuestMemory, vcpus: u32) -> Result<(), BootError> {
+    let bytes = build(vcpus)?;
+    mem.write_slice(&bytes, GuestAddress(EBDA_START))
+        .map_err(|_| BootError::GuestMemory {
+            what: "MP table",
+            addr: EBDA_START,
+        })
+}
+
+/// The byte that makes `bytes` (with it in place of a zero) sum to 0 mod 256.
+fn checksum(bytes: &[u8]) -> u8 {
+    bytes
+        .iter()
+        .fold(0u8, |acc, &b| acc.wrapping_add(b))
+        .wrapping_neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, &x| a.wrapping_add(x))
+    }
+
+    /// Parses the table from guest memory the way Linux does; returns (cpus, bsp ids, entries
+    /// by type).
+    fn parse(mem: &GuestMemory) -> (Vec<(u8, u8)>, [usize; 5], u8) {
+        let mut mpf = [0u8; 16];
+        mem.read_slice(&mut mpf, GuestAddress(EBDA_START)).unwrap();
+        assert_eq!(&mpf[..4], b"_MP_");
+        assert_eq!(sum(&mpf), 0, "floating pointer checksum");
+        assert_eq!((mpf[8], mpf[9]), (1, 4));
+        let phys = u32::from_le_bytes(mpf[4..8].try_into().unwrap()) as u64;
+        let mut hdr = [0u8; 44];
+        mem.read_slice(&mut hdr, GuestAddress(phys)).unwrap();
+        assert_eq!(&hdr[..4], b"PCMP");
+        let len = u16::from_le_bytes([hdr[4], hdr[5]]) as usize;
+        let count = u16::from_le_bytes([hdr[34], hdr[35]]) as usize;
+        assert_eq!(
+            u32::from_le_bytes(hdr[36..40].try_into().unwrap()) as u64,
+            APIC_START
+        );
+        let mut table = vec![0u8; len];
+        mem.read_slice(&mut table, GuestAddress(phys)).unwrap();
+        assert_eq!(sum(&table), 0, "table checksum");
+        assert!(phys + len as u64 <= LOW_RAM_END);
+        let (mut pos, mut cpus, mut by_type, mut ioapic_id) = (44, vec![], [0usize; 5], 0);
+        for _ in 0..count {
+            let t = table[pos];
+            by_type[t as usize] += 1;
+            match t {
+                MP_PROCESSOR => {
+                    cpus.push((table[pos + 1], table[pos + 3]));
+                    pos += 20;
+                }
+                MP_IOAPIC => {
+                    ioapic_id = table[pos + 1];
+                    let addr = u32::from_le_bytes(table[pos + 4..pos + 8].try_into().unwrap());
+                    assert_eq!(addr as u64, IOAPIC_START);
+                    pos += 8;
+                }
+                MP_INTSRC => {
+                    assert_eq!(table[pos + 5], table[pos + 7], "ISA IRQ n on pin n");
+                    assert_eq!(table[pos + 6], ioapic_id);
+                    pos += 8;
+                }
+                _ => pos += 8,
+            }
+        }
+        assert_eq!(pos, len, "entry count matches length");
+        (cpus, by_type, ioapic_id)
+    }
+
+    #[test]
+    fn tables_for_1_2_8_cpus() {
+        for n in [1u32, 2, 8, MAX_VCPUS] {
+            let mem = crate::memory::create(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            setup_mptable(&mem, n).unwrap();
+            let (cpus, by_type, ioapic_id) = parse(&mem);
+            assert_eq!(cpus.len(), n as usize);
+            for (i, &(id, flags)) in cpus.iter().enumerate() {
+                assert_eq!(id as usize, i);
+                let bsp = if i == 0 { CPU_BOOTPROCESSOR } else { 0 };
+                assert_eq!(flags, CPU_ENABLED | bsp);
+            }
+            assert_eq!(by_type, [n as usize, 1, 1, 24, 2]);
+            assert_eq!(ioapic_id as u32, n);
+        }
+    }
+
+    #[test]
+    fn too_many_or_zero_vcpus() {
+        assert_eq!(MAX_VCPUS, 37);
+        assert!(
+            matches!(build(MAX_VCPUS + 1), Err(BootError::TooManyVcpus(n)) if n == MAX_VCPUS + 1)
+        );
+        assert!(matches!(build(255), Err(BootError::TooManyVcpus(255))));
+        assert!(matches!(build(0), Err(BootError::TooManyVcpus(0))));
+    }
+
+    #[test]
+    fn local_interrupts() {
+        let t = build(1).unwrap();
+        let lint = &t[t.len() - 16..];
+        assert_eq!(&lint[..8], &[MP_LINTSRC, MP_EXTINT, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&lint[8..], &[MP_LINTSRC, MP_NMI, 0, 0, 0, 0, 0xff, 1]);
+    }
+}

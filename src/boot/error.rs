@@ -1,0 +1,67 @@
+//! Errors of the boot path. Each message says what to check or change.
+
+use std::path::PathBuf;
+
+/// Why a kernel, initrd or command line could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BootError {
+    /// The kernel file could not be opened or read.
+    #[error("cannot read kernel {path}: {source}; check the path given to .kernel()")]
+    KernelFile {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel file is neither a 64-bit x86 ELF (vmlinux) nor a bzImage.
+    #[error(
+        "{path} is not a bootable kernel ({detail}); pass an uncompressed vmlinux ELF or a bzImage"
+    )]
+    KernelFormat {
+        /// The path.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The initrd file could not be opened or read.
+    #[error("cannot read initrd {path}: {source}; check the path given to .initrd()")]
+    InitrdFile {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Guest memory cannot hold the kernel, initrd and boot structures.
+    #[error(
+        "guest memory too small: {what} needs {needed} bytes but only {available} are free; \
+         raise .memory_mib()"
+    )]
+    MemoryTooSmall {
+        /// What did not fit (`"kernel"`, `"initrd"`).
+        what: &'static str,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// The command line is too long or contains a NUL byte.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    /// Writing a boot structure into guest memory failed.
+    #[error("cannot write {what} into guest memory at {addr:#x}")]
+    GuestMemory {
+        /// Which structure.
+        what: &'static str,
+        /// Where.
+        addr: u64,
+    },
+    /// A vCPU count the platform tables cannot describe (0, or more than fit the MP table).
+    #[error(
+        "{0} vCPUs requested; the MP table describes 1 to {max}",
+        max = crate::arch::x86_64::mptable::MAX_VCPUS
+    )]
+    TooManyVcpus(u32),
+}

@@ -1,0 +1,135 @@
+//! KVM backend. The only place in the crate that names kvm-ioctls or kvm-bindings types.
+
+mod kick;
+mod vcpu;
+mod vm;
+mod x86_64;
+
+use std::sync::{Arc, OnceLock};
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Cap;
+
+use super::{Capabilities, Hypervisor, HypervisorError, Result, Vm};
+
+pub use vcpu::KvmVcpu;
+pub use vm::KvmVm;
+
+const KVM_PATH: &str = "/dev/kvm";
+
+/// An open `/dev/kvm`.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::{kvm::Kvm, Hypervisor};
+/// let kvm = Kvm::open()?;
+/// assert_eq!(kvm.name(), "kvm");
+/// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+/// ```
+pub struct Kvm {
+    kvm: kvm_ioctls::Kvm,
+    caps: Capabilities,
+    /// `KVM_GET_SUPPORTED_CPUID` is the same for every VM; ask once.
+    supported_cpuid: OnceLock<std::result::Result<CpuId, i32>>,
+}
+
+impl std::fmt::Debug for Kvm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kvm").field("caps", &self.caps).finish()
+    }
+}
+
+impl Kvm {
+    /// Opens `/dev/kvm` and probes its capabilities.
+    ///
+    /// # Errors
+    /// [`HypervisorError::NotFound`], [`HypervisorError::PermissionDenied`] (both say how to
+    /// fix the host), or [`HypervisorError::MissingCapability`] when the kernel lacks
+    /// something smolvm needs.
+    pub fn open() -> Result<Self> {
+        let kvm = kvm_ioctls::Kvm::new().map_err(|e| match e.errno() {
+            libc::ENOENT | libc::ENXIO | libc::ENODEV => {
+                HypervisorError::NotFound { path: KVM_PATH }
+            }
+            libc::EACCES | libc::EPERM => HypervisorError::PermissionDenied { path: KVM_PATH },
+            _ => HypervisorError::backend("open /dev/kvm", e),
+        })?;
+        if kvm.get_api_version() != 12 {
+            return Err(HypervisorError::MissingCapability("KVM API version 12"));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(HypervisorError::MissingCapability(name));
+            }
+        }
+        let caps = Capabilities {
+            max_vcpus: kvm.get_max_vcpus() as u32,
+            max_memory_slots: kvm.get_nr_memslots() as u32,
+            irqfd: kvm.check_extension(Cap::Irqfd),
+            ioeventfd: kvm.check_extension(Cap::Ioeventfd),
+            msi: kvm.check_extension(Cap::SignalMsi),
+            emulation_failure_details: kvm
+                .check_extension_raw(kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE.into())
+                > 0,
+            software_virtualization: is_software_kvm(),
+        };
+        if caps.software_virtualization {
+            log::warn!(
+                "/dev/kvm is backed by kvm_pvm (software virtualization): guest kernel mode is \
+                 emulated; small purpose-built guests run, an unmodified Linux kernel cannot boot"
+            );
+        }
+        Ok(Kvm {
+            kvm,
+            caps,
+            supported_cpuid: OnceLock::new(),
+        })
+    }
+
+    fn supported_cpuid(&self) -> Result<CpuId> {
+        self.supported_cpuid
+            .get_or_init(|| {
+                self.kvm
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|e| e.errno())
+            })
+            .clone()
+            .map_err(|errno| {
+                HypervisorError::backend(
+                    "KVM_GET_SUPPORTED_CPUID",
+                    std::io::Error::from_raw_os_error(errno),
+                )
+            })
+    }
+}
+
+/// Whether `/dev/kvm` is the `kvm_pvm` software hypervisor (no VMX/SVM underneath).
+fn is_software_kvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+impl Hypervisor for Kvm {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn create_vm(&self) -> Result<Arc<dyn Vm>> {
+        let cpuid = self.supported_cpuid()?;
+        Ok(Arc::new(KvmVm::new(&self.kvm, &self.caps, cpuid)?))
+    }
+}
+
+/// Maps a kvm-ioctls error to ours.
+fn err(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> HypervisorError {
+    move |e| HypervisorError::backend(op, std::io::Error::from_raw_os_error(e.errno()))
+}

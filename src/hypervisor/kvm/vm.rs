@@ -1,0 +1,187 @@
+//! [`Vm`] on KVM.
+
+use kvm_bindings::{kvm_enable_cap, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, CpuId};
+use kvm_ioctls::{Cap, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{err, vcpu::KvmVcpu};
+use crate::arch::x86_64::layout;
+use crate::hypervisor::{
+    Capabilities, HypervisorError, IoEventAddress, IrqchipOrder, MemoryRegion, Msi, Result, Vcpu,
+    Vm,
+};
+
+/// A KVM virtual machine.
+pub struct KvmVm {
+    fd: VmFd,
+    caps: Capabilities,
+    cpuid: CpuId,
+}
+
+impl KvmVm {
+    pub(super) fn new(kvm: &kvm_ioctls::Kvm, caps: &Capabilities, cpuid: CpuId) -> Result<Self> {
+        let fd = kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
+        // Both live in the MMIO gap, where no RAM is mapped; they must be set before vCPUs
+        // run (TSS for real-mode emulation on Intel).
+        fd.set_tss_address(layout::KVM_TSS_START as usize)
+            .map_err(err("KVM_SET_TSS_ADDR"))?;
+        if fd.check_extension(Cap::SetIdentityMapAddr) {
+            fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
+                .map_err(err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        }
+        if caps.emulation_failure_details {
+            let cap = kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+                args: [1, 0, 0, 0],
+                ..Default::default()
+            };
+            if let Err(e) = fd.enable_cap(&cap) {
+                log::debug!("KVM_CAP_EXIT_ON_EMULATION_FAILURE not enabled: {e}");
+            }
+        }
+        Ok(KvmVm {
+            fd,
+            caps: caps.clone(),
+            cpuid,
+        })
+    }
+}
+
+impl Vm for KvmVm {
+    unsafe fn map_memory(&self, r: MemoryRegion) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: r.slot,
+            flags: if r.read_only {
+                kvm_bindings::KVM_MEM_READONLY
+            } else {
+                0
+            },
+            guest_phys_addr: r.guest_addr,
+            memory_size: r.size,
+            userspace_addr: r.host_addr,
+        };
+        // SAFETY: the caller guarantees the host range stays valid while mapped (this
+        // function's contract).
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(err("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    fn unmap_memory(&self, r: MemoryRegion) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: r.slot,
+            flags: 0,
+            guest_phys_addr: r.guest_addr,
+            memory_size: 0,
+            userspace_addr: r.host_addr,
+        };
+        // SAFETY: a zero-sized region deletes the slot; no host memory is handed to KVM.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(err("KVM_SET_USER_MEMORY_REGION (delete)"))
+    }
+
+    fn irqchip_order(&self) -> IrqchipOrder {
+        IrqchipOrder::BeforeVcpus
+    }
+
+    fn create_irqchip(&self) -> Result<()> {
+        self.fd.create_irq_chip().map_err(err("KVM_CREATE_IRQCHIP"))?;
+        // The PIT drives Linux's early timer calibration; the dummy speaker port keeps port
+        // 0x61 inside the kernel.
+        let pit = kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(err("KVM_CREATE_PIT2"))
+    }
+
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
+        self.fd
+            .set_irq_line(gsi, level)
+            .map_err(err("KVM_IRQ_LINE"))
+    }
+
+    fn signal_msi(&self, msi: Msi) -> Result<()> {
+        if !self.caps.msi {
+            return Err(HypervisorError::Unsupported("KVM_SIGNAL_MSI"));
+        }
+        let m = kvm_msi {
+            address_lo: msi.address as u32,
+            address_hi: (msi.address >> 32) as u32,
+            data: msi.data,
+            flags: if msi.devid.is_some() {
+                kvm_bindings::KVM_MSI_VALID_DEVID
+            } else {
+                0
+            },
+            devid: msi.devid.unwrap_or(0),
+            ..Default::default()
+        };
+        self.fd.signal_msi(m).map_err(err("KVM_SIGNAL_MSI"))?;
+        Ok(())
+    }
+
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        if !self.caps.irqfd {
+            return Err(HypervisorError::Unsupported("KVM_IRQFD"));
+        }
+        self.fd.register_irqfd(fd, gsi).map_err(err("KVM_IRQFD"))
+    }
+
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .unregister_irqfd(fd, gsi)
+            .map_err(err("KVM_IRQFD (deassign)"))
+    }
+
+    fn register_ioeventfd(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()> {
+        if !self.caps.ioeventfd {
+            return Err(HypervisorError::Unsupported("KVM_IOEVENTFD"));
+        }
+        let addr = kvm_addr(addr);
+        match datamatch {
+            Some(v) => self.fd.register_ioevent(fd, &addr, v),
+            None => self.fd.register_ioevent(fd, &addr, NoDatamatch),
+        }
+        .map_err(err("KVM_IOEVENTFD"))
+    }
+
+    fn unregister_ioeventfd(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()> {
+        let addr = kvm_addr(addr);
+        match datamatch {
+            Some(v) => self.fd.unregister_ioevent(fd, &addr, v),
+            None => self.fd.unregister_ioevent(fd, &addr, NoDatamatch),
+        }
+        .map_err(err("KVM_IOEVENTFD (deassign)"))
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
+        if id >= self.caps.max_vcpus {
+            return Err(HypervisorError::InvalidArgument(format!(
+                "vCPU id {id} is not below the host limit of {}",
+                self.caps.max_vcpus
+            )));
+        }
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(err("KVM_CREATE_VCPU"))?;
+        Ok(Box::new(KvmVcpu::new(fd, id, self.cpuid.clone())))
+    }
+}
+
+fn kvm_addr(addr: IoEventAddress) -> kvm_ioctls::IoEventAddress {
+    match addr {
+        IoEventAddress::Pio(p) => kvm_ioctls::IoEventAddress::Pio(u64::from(p)),
+        IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
+    }
+}

@@ -1,0 +1,288 @@
+//! The hypervisor abstraction: one trait per layer (hypervisor → VM → vCPU) and a
+//! backend-neutral exit type.
+//!
+//! Everything above this module (boot code, devices, the VMM) talks to these traits only.
+//! Backend types — kvm-ioctls, kvm-bindings, Hypervisor.framework handles — never leave
+//! their own sub-module (`kvm/`, later `hvf/`).
+//!
+//! # How the layers map onto each backend
+//!
+//! | concept | KVM x86_64 | KVM aarch64 | Hypervisor.framework (arm64) |
+//! |---|---|---|---|
+//! | [`Hypervisor`] | an open `/dev/kvm` | an open `/dev/kvm` | the process (one VM per process) |
+//! | [`Vm`] | `KVM_CREATE_VM` fd | `KVM_CREATE_VM` fd (IPA size from `KVM_CAP_ARM_VM_IPA_SIZE`) | `hv_vm_create` |
+//! | [`Vm::create_irqchip`] | PIC + IOAPIC + LAPIC + PIT, **before** vCPUs | GICv3 via `KVM_CREATE_DEVICE`, **after** all vCPUs | `hv_gic_create`, **before** vCPUs |
+//! | [`Vm::set_irq_line`] | GSI number (ISA IRQ 0-15, IOAPIC pin) | `KVM_IRQ_LINE` with an encoded SPI (INTID − 32) | `hv_gic_set_spi` with the absolute INTID |
+//! | [`Vcpu`] | vCPU fd, may move between threads | vCPU fd | `hv_vcpu_create`: bound to the creating thread |
+//! | MMIO decoding | KVM decodes, gives address + data | KVM decodes when ESR.ISV=1 | the backend decodes the ESR (data abort syndrome) |
+//! | [`VmExit::Halt`] | only without an in-kernel LAPIC | never (WFI handled in kernel) | WFI/WFE trap: the backend waits for the vtimer/IRQ itself |
+//! | [`VmExit::PowerOff`]/[`VmExit::Reset`] | `KVM_SYSTEM_EVENT` (rare on x86) | PSCI `SYSTEM_OFF`/`SYSTEM_RESET` as `KVM_SYSTEM_EVENT` | PSCI calls trapped as HVC and decoded by the backend |
+//! | [`VcpuKick`] | `immediate_exit` + a signal | `immediate_exit` + a signal | `hv_vcpus_exit` |
+//!
+//! Because HVF vCPUs are bound to the thread that created them, the VMM always creates each
+//! vCPU *on the thread that runs it*; [`Vcpu`] is therefore not required to be `Send`.
+//! Because the order of interrupt-controller and vCPU creation differs per backend, the VMM
+//! asks [`Vm::irqchip_order`] instead of hard-coding it.
+
+pub mod arch;
+mod error;
+mod exit;
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm;
+
+pub use error::{HypervisorError, Result};
+pub use exit::{ExitFailure, VmExit};
+
+use std::sync::Arc;
+
+#[cfg(target_os = "linux")]
+pub use vmm_sys_util::eventfd::EventFd;
+
+/// What a hypervisor backend can do on this host, probed once when it is opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Largest vCPU count one VM may have.
+    pub max_vcpus: u32,
+    /// Number of guest memory slots one VM may have.
+    pub max_memory_slots: u32,
+    /// Interrupts can be injected by writing an eventfd (KVM irqfd), with no ioctl on the hot path.
+    pub irqfd: bool,
+    /// Guest writes to a registered address can signal an eventfd without a userspace exit.
+    pub ioeventfd: bool,
+    /// Message-signalled interrupts can be injected ([`Vm::signal_msi`]).
+    pub msi: bool,
+    /// Emulation failures report the failing instruction bytes ([`ExitFailure::instruction`]).
+    pub emulation_failure_details: bool,
+    /// The backend is a *software* hypervisor (for example Linux `kvm_pvm`) that emulates guest
+    /// kernel mode: small purpose-built guests run, an unmodified Linux kernel does not.
+    pub software_virtualization: bool,
+}
+
+/// An open hypervisor: the first layer. Cheap to share; one per process is enough.
+///
+/// # Example
+/// ```no_run
+/// let hv = smolvm::hypervisor::open().expect("no usable hypervisor");
+/// println!("{} supports {} vCPUs", hv.name(), hv.capabilities().max_vcpus);
+/// let vm = hv.create_vm().expect("create VM");
+/// # drop(vm);
+/// ```
+pub trait Hypervisor: Send + Sync {
+    /// Short backend name, for logs (`"kvm"`, `"hvf"`).
+    fn name(&self) -> &'static str;
+
+    /// Capabilities probed when the hypervisor was opened.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Creates an empty VM: no memory, no interrupt controller, no vCPUs.
+    ///
+    /// KVM x86_64 also sets the TSS and identity-map addresses here because they must be set
+    /// before any vCPU runs and never change.
+    fn create_vm(&self) -> Result<Arc<dyn Vm>>;
+}
+
+/// When the in-kernel interrupt controller must be created relative to the vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqchipOrder {
+    /// x86 KVM (the LAPIC is created with each vCPU and needs the irqchip) and HVF.
+    BeforeVcpus,
+    /// arm64 KVM: the GICv3 redistributors are sized from the vCPUs that already exist.
+    AfterVcpus,
+}
+
+/// One range of host memory that backs a range of guest physical memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRegion {
+    /// Backend slot number; unique per VM, below [`Capabilities::max_memory_slots`].
+    pub slot: u32,
+    /// Guest physical address of the first byte.
+    pub guest_addr: u64,
+    /// Length in bytes; a multiple of the host page size.
+    pub size: u64,
+    /// Host virtual address of the first byte; page aligned.
+    pub host_addr: u64,
+    /// Guest writes fault (MMIO exit on KVM) instead of changing memory.
+    pub read_only: bool,
+}
+
+/// A message-signalled interrupt, in the backend-neutral form the device sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Msi {
+    /// Message address (x86: 0xFEEx_xxxx with the destination APIC id; arm64: the ITS doorbell).
+    pub address: u64,
+    /// Message data (x86: vector and delivery mode; arm64: the event id).
+    pub data: u32,
+    /// Requester id, for backends that route MSIs through an ITS.
+    pub devid: Option<u32>,
+}
+
+/// Where an ioeventfd listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEventAddress {
+    /// An x86 I/O port.
+    Pio(u16),
+    /// A guest physical MMIO address.
+    Mmio(u64),
+}
+
+/// A VM: guest memory, the interrupt controller and the vCPUs of one guest.
+///
+/// Shared between the VMM, its vCPU threads and its devices (they raise interrupts through
+/// it), so every method takes `&self`.
+pub trait Vm: Send + Sync {
+    /// Maps `region` into the guest physical address space.
+    ///
+    /// # Safety
+    /// `region.host_addr .. + size` must be a valid, writable host mapping that stays mapped
+    /// until [`Vm::unmap_memory`] removes the slot or the VM is dropped: the guest (and the
+    /// hypervisor on its behalf) reads and writes it at any time.
+    unsafe fn map_memory(&self, region: MemoryRegion) -> Result<()>;
+
+    /// Removes a slot added by [`Vm::map_memory`]. Guest accesses to the range become MMIO
+    /// exits.
+    fn unmap_memory(&self, region: MemoryRegion) -> Result<()>;
+
+    /// Whether [`Vm::create_irqchip`] must run before or after the vCPUs are created.
+    fn irqchip_order(&self) -> IrqchipOrder;
+
+    /// Creates the in-kernel interrupt controller (and on x86 the PIT) with its default routing:
+    /// GSIs 0-15 are the ISA IRQs on the PIC and IOAPIC, 16-23 the remaining IOAPIC pins.
+    fn create_irqchip(&self) -> Result<()>;
+
+    /// Drives interrupt line `gsi` high or low. An edge-triggered interrupt is a raise then a
+    /// lower. On arm64 `gsi` is the SPI number counted from 0 (INTID − 32); the backend adds
+    /// the offset its API needs.
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()>;
+
+    /// Injects a message-signalled interrupt.
+    fn signal_msi(&self, msi: Msi) -> Result<()>;
+
+    /// Makes every write to `fd` pulse interrupt line `gsi`, without an ioctl per interrupt.
+    /// Returns [`HypervisorError::Unsupported`] where the backend has no irqfd (HVF).
+    #[cfg(target_os = "linux")]
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+
+    /// Undoes [`Vm::register_irqfd`].
+    #[cfg(target_os = "linux")]
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+
+    /// Makes guest writes to `addr` signal `fd` instead of exiting to the VMM. With
+    /// `datamatch`, only writes of that value do; the access width is taken from the value's
+    /// intended register width (4 bytes). Returns [`HypervisorError::Unsupported`] where the
+    /// backend has no ioeventfd.
+    #[cfg(target_os = "linux")]
+    fn register_ioeventfd(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()>;
+
+    /// Undoes [`Vm::register_ioeventfd`].
+    #[cfg(target_os = "linux")]
+    fn unregister_ioeventfd(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()>;
+
+    /// Creates vCPU `id` (0-based; on x86 also its APIC id). Call it on the thread that will
+    /// run the vCPU: HVF binds vCPUs to their creating thread.
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+}
+
+/// How a vCPU's platform identity is set up before it first runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuConfig {
+    /// This vCPU's index, 0-based.
+    pub id: u32,
+    /// Number of vCPUs in the VM (x86: CPUID topology leaves; arm64: nothing).
+    pub count: u32,
+}
+
+/// Interrupts a running vCPU from another thread.
+///
+/// After [`VcpuKick::kick`], the vCPU's current or next [`Vcpu::run`] returns
+/// [`VmExit::Interrupted`] promptly, even if the guest is halted. Kicks do not queue: several
+/// kicks before the vCPU notices are one interruption.
+pub trait VcpuKick: Send + Sync {
+    /// Requests the interruption; never blocks.
+    fn kick(&self);
+}
+
+/// One virtual CPU.
+///
+/// Not `Send`: HVF vCPUs must stay on the thread that created them (KVM's may move, but the
+/// VMM does not rely on it).
+pub trait Vcpu {
+    /// The id given to [`Vm::create_vcpu`].
+    fn id(&self) -> u32;
+
+    /// Sets the CPU's platform identity. x86 KVM: CPUID (from `KVM_GET_SUPPORTED_CPUID`,
+    /// with topology, APIC id and hypervisor leaves adjusted), boot MSRs, FPU defaults and LAPIC
+    /// LINT0 = ExtINT / LINT1 = NMI. arm64 KVM: `KVM_ARM_VCPU_INIT` with PSCI 0.2 (secondaries
+    /// powered off). HVF: MPIDR.
+    fn configure(&mut self, config: &CpuConfig) -> Result<()>;
+
+    /// Registers this vCPU starts from (x86: general purpose, segment and control registers).
+    #[cfg(target_arch = "x86_64")]
+    fn set_boot_state(&mut self, state: &arch::x86_64::BootState) -> Result<()>;
+
+    /// Reads the general purpose registers.
+    #[cfg(target_arch = "x86_64")]
+    fn regs(&self) -> Result<arch::x86_64::Registers>;
+
+    /// Writes the general purpose registers.
+    #[cfg(target_arch = "x86_64")]
+    fn set_regs(&mut self, regs: &arch::x86_64::Registers) -> Result<()>;
+
+    /// Reads the segment, descriptor-table and control registers.
+    #[cfg(target_arch = "x86_64")]
+    fn special_regs(&self) -> Result<arch::x86_64::SpecialRegisters>;
+
+    /// Writes the segment, descriptor-table and control registers.
+    #[cfg(target_arch = "x86_64")]
+    fn set_special_regs(&mut self, sregs: &arch::x86_64::SpecialRegisters) -> Result<()>;
+
+    /// Whether the vCPU is halted waiting for an interrupt that cannot come: halted with
+    /// interrupts disabled (x86 `cli; hlt`). Only meaningful between two [`Vcpu::run`] calls.
+    fn is_halted_for_good(&self) -> Result<bool>;
+
+    /// Runs guest code until something needs the VMM. For [`VmExit::IoIn`] and
+    /// [`VmExit::MmioRead`], fill the buffer before the next call: the backend completes the
+    /// guest's load then.
+    fn run(&mut self) -> Result<VmExit<'_>>;
+
+    /// A handle other threads use to interrupt [`Vcpu::run`].
+    fn kicker(&self) -> Arc<dyn VcpuKick>;
+}
+
+/// Opens the default hypervisor for this host: KVM on Linux.
+///
+/// # Errors
+/// [`HypervisorError::NotFound`] or [`HypervisorError::PermissionDenied`] with a message that
+/// says how to fix it; [`HypervisorError::Unsupported`] where no backend exists yet.
+///
+/// # Example
+/// ```no_run
+/// let hv = smolvm::hypervisor::open()?;
+/// if hv.capabilities().software_virtualization {
+///     eprintln!("software KVM: only small guests will run");
+/// }
+/// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+/// ```
+pub fn open() -> Result<Arc<dyn Hypervisor>> {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    {
+        Ok(Arc::new(kvm::Kvm::open()?))
+    }
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    {
+        Err(HypervisorError::Unsupported(
+            "no hypervisor backend for this host yet (KVM on aarch64 and Hypervisor.framework \
+             are planned)",
+        ))
+    }
+}

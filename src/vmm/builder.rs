@@ -1,0 +1,257 @@
+//! Turning a [`VmBuilder`] into a running VM: memory → kernel → platform tables → interrupt
+//! controller → devices → vCPU threads.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use super::config::VmBuilder;
+use super::control::Control;
+use super::handle::{Resources, VmHandle};
+use super::vcpu_thread::{self, Startup, VcpuContext};
+use super::ExitReason;
+use crate::arch::x86_64::layout;
+use crate::devices::legacy::{self, PmControl, Serial, I8042};
+use crate::devices::{Bus, InterruptLine, PlatformEvent, PlatformEventSink};
+use crate::hypervisor::{self, Hypervisor, IrqchipOrder, MemoryRegion, Vm};
+use crate::memory::{self, GuestMemory};
+use crate::{boot, Error, Result};
+
+/// Most vCPUs the platform tables describe (MP table APIC ids are 8-bit, one id is the
+/// IOAPIC's).
+pub const MAX_VCPUS: u32 = 254;
+
+/// The process-wide hypervisor, opened on first use: `/dev/kvm` is opened and probed once,
+/// and `KVM_GET_SUPPORTED_CPUID` is asked once, however many VMs the process starts.
+fn shared_hypervisor() -> Result<Arc<dyn Hypervisor>> {
+    static SHARED: OnceLock<Arc<dyn Hypervisor>> = OnceLock::new();
+    if let Some(hv) = SHARED.get() {
+        return Ok(hv.clone());
+    }
+    let hv = hypervisor::open()?;
+    Ok(SHARED.get_or_init(|| hv).clone())
+}
+
+impl VmBuilder {
+    /// Builds the VM and starts its vCPUs.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a missing kernel or impossible sizes, [`Error::Hypervisor`] when
+    /// `/dev/kvm` is missing or inaccessible (the message says how to fix it),
+    /// [`Error::Boot`] for an unreadable or unrecognised kernel/initrd or too little memory,
+    /// [`Error::Bus`] for overlapping device ranges, [`Error::SoftwareVirtualization`] when
+    /// [`require_hardware_virtualization`](Self::require_hardware_virtualization) is set on a
+    /// software-only host.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// println!("{}", vm.wait());
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn start(self) -> Result<VmHandle> {
+        start(self)
+    }
+}
+
+fn validate(cfg: &VmBuilder, hv: &dyn Hypervisor) -> Result<()> {
+    if cfg.kernel.is_none() {
+        return Err(Error::Config(
+            "no kernel: call .kernel(path) with a vmlinux or bzImage".into(),
+        ));
+    }
+    let max = MAX_VCPUS.min(hv.capabilities().max_vcpus.max(1));
+    if cfg.vcpus == 0 || cfg.vcpus > max {
+        return Err(Error::Config(format!(
+            "{} vCPUs requested: use 1 to {max}",
+            cfg.vcpus
+        )));
+    }
+    if cfg.memory_mib < 2 {
+        return Err(Error::Config(format!(
+            "{} MiB of memory: use at least 2 (kernels need tens)",
+            cfg.memory_mib
+        )));
+    }
+    if cfg.memory_mib > (1 << 20) {
+        return Err(Error::Config(format!(
+            "{} MiB of memory: more than 1 TiB is not supported",
+            cfg.memory_mib
+        )));
+    }
+    if hv.capabilities().software_virtualization && cfg.require_hardware_virtualization {
+        return Err(Error::SoftwareVirtualization);
+    }
+    Ok(())
+}
+
+fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
+    let hv = match cfg.hypervisor.take() {
+        Some(hv) => hv,
+        None => shared_hypervisor()?,
+    };
+    validate(&cfg, hv.as_ref())?;
+
+    let memory = create_memory(cfg.memory_mib << 20)?;
+    let vm = hv.create_vm()?;
+    map_memory(vm.as_ref(), &memory)?;
+
+    let kernel_path = cfg.kernel.take().expect("validated");
+    let kernel = boot::load_kernel(&memory, &kernel_path)?;
+    let initrd = match &cfg.initrd {
+        Some(p) => Some(boot::load_initrd(&memory, p, &kernel)?),
+        None => None,
+    };
+    let boot_state =
+        crate::arch::x86_64::configure_system(&memory, &kernel, &cfg.cmdline, initrd, cfg.vcpus)?;
+
+    let order = vm.irqchip_order();
+    if order == IrqchipOrder::BeforeVcpus {
+        vm.create_irqchip()?;
+    }
+
+    let control = Arc::new(Control::new(cfg.vcpus));
+    let events: PlatformEventSink = {
+        let control = Arc::downgrade(&control);
+        Arc::new(move |event| {
+            if let Some(c) = control.upgrade() {
+                c.request_exit(match event {
+                    PlatformEvent::Reset => ExitReason::Reset,
+                    PlatformEvent::PowerOff => ExitReason::PowerOff,
+                });
+            }
+        })
+    };
+
+    let console = std::mem::replace(&mut cfg.console, legacy::ConsoleSink::Discard);
+    let serial = Arc::new(Mutex::new(Serial::new(
+        InterruptLine::new(&vm, legacy::COM1_IRQ)?,
+        console,
+    )));
+    let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
+    let mut pio = Bus::new("pio");
+    pio.insert(u64::from(legacy::COM1_PORT), 8, serial.clone())?;
+    pio.insert(u64::from(legacy::I8042_DATA_PORT), 1, i8042.clone())?;
+    pio.insert(u64::from(legacy::I8042_COMMAND_PORT), 1, i8042)?;
+    pio.insert(
+        u64::from(legacy::PM1A_CONTROL_PORT),
+        2,
+        Arc::new(Mutex::new(PmControl::new(events))),
+    )?;
+    for d in cfg.pio_devices.drain(..) {
+        pio.insert(d.base, d.len, d.device)?;
+    }
+    let mut mmio = Bus::new("mmio");
+    for d in cfg.mmio_devices.drain(..) {
+        check_not_ram(&memory, d.base, d.len)?;
+        mmio.insert(d.base, d.len, d.device)?;
+    }
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+
+    let startup = Startup::new(cfg.vcpus);
+    let mut threads = Vec::with_capacity(cfg.vcpus as usize);
+    let mut spawn_error = None;
+    for id in 0..cfg.vcpus {
+        let ctx = VcpuContext {
+            id,
+            count: cfg.vcpus,
+            vm: vm.clone(),
+            // Only the boot CPU starts at the kernel entry; the others wait for INIT/SIPI
+            // like real hardware, so the guest brings them up itself.
+            boot: (id == 0).then_some(boot_state),
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            control: control.clone(),
+        };
+        match vcpu_thread::spawn(ctx, startup.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                spawn_error = Some(Error::Thread(e));
+                break;
+            }
+        }
+    }
+    let reports = startup.collect(threads.len());
+    let mut kickers = Vec::with_capacity(reports.len());
+    let mut first_error = spawn_error;
+    for r in reports {
+        match r {
+            Ok(k) => kickers.push(k),
+            Err(e) => {
+                first_error.get_or_insert(Error::Hypervisor(e));
+            }
+        }
+    }
+    if first_error.is_none() && order == IrqchipOrder::AfterVcpus {
+        if let Err(e) = vm.create_irqchip() {
+            first_error = Some(e.into());
+        }
+    }
+    control.set_kickers(kickers);
+    if let Some(e) = first_error {
+        startup.decide(false);
+        for t in threads {
+            let _ = t.join();
+        }
+        return Err(e);
+    }
+    startup.decide(true);
+
+    Ok(VmHandle {
+        control,
+        threads: Mutex::new(threads),
+        resources: Mutex::new(Some(Resources {
+            vm,
+            memory,
+            serial,
+        })),
+        halt_probe: cfg.halt_probe,
+    })
+}
+
+fn create_memory(size: u64) -> Result<GuestMemory> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::guest_ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    Ok(memory::create(&ranges)?)
+}
+
+fn map_memory(vm: &dyn Vm, memory: &GuestMemory) -> Result<()> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| Error::Config(format!("guest memory region has no host address: {e}")))?;
+        let r = MemoryRegion {
+            slot: slot as u32,
+            guest_addr: region.start_addr().0,
+            size: region.len(),
+            host_addr: host as u64,
+            read_only: false,
+        };
+        // SAFETY: the region belongs to `memory`, which the VM's `Resources` keep alive until
+        // after every vCPU thread has ended and the VM (the last user) is dropped.
+        unsafe { vm.map_memory(r) }?;
+    }
+    Ok(())
+}
+
+fn check_not_ram(memory: &GuestMemory, base: u64, len: u64) -> Result<()> {
+    let end = base.saturating_add(len);
+    for r in memory.iter() {
+        let (rs, re) = (r.start_addr().0, r.start_addr().0 + r.len());
+        if base < re && rs < end {
+            return Err(Error::Config(format!(
+                "MMIO device at {base:#x}+{len:#x} overlaps guest RAM {rs:#x}..{re:#x}; place it \
+                 in the MMIO gap ({:#x}..{:#x})",
+                layout::MMIO_DEVICES_START,
+                layout::IOAPIC_START
+            )));
+        }
+    }
+    Ok(())
+}
+
+
+
+

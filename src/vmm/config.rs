@@ -1,0 +1,283 @@
+//! [`VmBuilder`]: what a VM is made of, with sensible defaults.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::boot::KernelCmdline;
+use crate::devices::legacy::ConsoleSink;
+use crate::devices::BusDevice;
+use crate::hypervisor::Hypervisor;
+
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+/// How often a waiting caller checks whether every vCPU is halted for good.
+pub const DEFAULT_HALT_PROBE: Duration = Duration::from_millis(200);
+
+/// A device the caller adds to a bus.
+pub(super) struct ExtraDevice {
+    pub base: u64,
+    pub len: u64,
+    pub device: Arc<Mutex<dyn BusDevice>>,
+}
+
+/// Configures and starts a VM.
+///
+/// Defaults: 128 MiB, 1 vCPU, [`KernelCmdline::default`] (tuned for fast boot), console
+/// output discarded, the process-wide shared hypervisor.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::{boot::KernelCmdline, VmBuilder};
+///
+/// let mut cmdline = KernelCmdline::default();
+/// cmdline.append("init=/bin/sh");
+/// let vm = VmBuilder::new()
+///     .memory_mib(256)
+///     .vcpus(2)
+///     .kernel("/path/to/vmlinux")
+///     .initrd("/path/to/initrd.cpio")
+///     .cmdline(cmdline)
+///     .console(std::io::stdout())
+///     .start()?;
+/// println!("guest ended: {}", vm.wait());
+/// # Ok::<(), smolvm::Error>(())
+/// ```
+pub struct VmBuilder {
+    pub(super) hypervisor: Option<Arc<dyn Hypervisor>>,
+    pub(super) memory_mib: u64,
+    pub(super) vcpus: u32,
+    pub(super) kernel: Option<PathBuf>,
+    pub(super) initrd: Option<PathBuf>,
+    pub(super) cmdline: KernelCmdline,
+    pub(super) console: ConsoleSink,
+    pub(super) pio_devices: Vec<ExtraDevice>,
+    pub(super) mmio_devices: Vec<ExtraDevice>,
+    pub(super) halt_probe: Option<Duration>,
+    pub(super) require_hardware_virtualization: bool,
+}
+
+impl Default for VmBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for VmBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmBuilder")
+            .field("memory_mib", &self.memory_mib)
+            .field("vcpus", &self.vcpus)
+            .field("kernel", &self.kernel)
+            .field("initrd", &self.initrd)
+            .field("cmdline", &self.cmdline.to_string())
+            .field("console", &self.console)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmBuilder {
+    /// A builder with the defaults above.
+    ///
+    /// # Example
+    /// ```
+    /// let b = smolvm::VmBuilder::new();
+    /// # drop(b);
+    /// ```
+    pub fn new() -> Self {
+        VmBuilder {
+            hypervisor: None,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            vcpus: 1,
+            kernel: None,
+            initrd: None,
+            cmdline: KernelCmdline::default(),
+            console: ConsoleSink::Discard,
+            pio_devices: Vec::new(),
+            mmio_devices: Vec::new(),
+            halt_probe: Some(DEFAULT_HALT_PROBE),
+            require_hardware_virtualization: false,
+        }
+    }
+
+    /// Uses `hv` instead of the process-wide default (see [`crate::hypervisor::open`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// let hv = smolvm::hypervisor::open()?;
+    /// let b = smolvm::VmBuilder::new().hypervisor(hv);
+    /// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+    /// ```
+    pub fn hypervisor(mut self, hv: Arc<dyn Hypervisor>) -> Self {
+        self.hypervisor = Some(hv);
+        self
+    }
+
+    /// Guest memory in MiB (default 128). Memory is reserved lazily: the host only pays for
+    /// pages the guest touches.
+    ///
+    /// # Example
+    /// ```
+    /// let b = smolvm::VmBuilder::new().memory_mib(512);
+    /// # drop(b);
+    /// ```
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Number of vCPUs (default 1). Each runs on its own thread.
+    ///
+    /// # Example
+    /// ```
+    /// let b = smolvm::VmBuilder::new().vcpus(4);
+    /// # drop(b);
+    /// ```
+    pub fn vcpus(mut self, n: u32) -> Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// The kernel: an uncompressed vmlinux ELF (PVH entry used when present) or a bzImage.
+    ///
+    /// # Example
+    /// ```
+    /// let b = smolvm::VmBuilder::new().kernel("vmlinux");
+    /// # drop(b);
+    /// ```
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// An initial ramdisk (cpio archive, optionally compressed).
+    ///
+    /// # Example
+    /// ```
+    /// let b = smolvm::VmBuilder::new().initrd("initrd.cpio.gz");
+    /// # drop(b);
+    /// ```
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// Replaces the kernel command line (default: [`KernelCmdline::default`]).
+    ///
+    /// # Example
+    /// ```
+    /// use smolvm::boot::KernelCmdline;
+    /// let b = smolvm::VmBuilder::new().cmdline(KernelCmdline::default());
+    /// # drop(b);
+    /// ```
+    pub fn cmdline(mut self, cmdline: KernelCmdline) -> Self {
+        self.cmdline = cmdline;
+        self
+    }
+
+    /// Sends guest console (COM1) output to `w`, byte by byte as the guest writes it.
+    ///
+    /// # Example
+    /// ```
+    /// let b = smolvm::VmBuilder::new().console(std::io::stdout());
+    /// # drop(b);
+    /// ```
+    pub fn console(mut self, w: impl Write + Send + 'static) -> Self {
+        self.console = ConsoleSink::Writer(Box::new(w));
+        self
+    }
+
+    /// Hands guest console output to `f`.
+    ///
+    /// # Example
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// let out = Arc::new(Mutex::new(Vec::new()));
+    /// let o = out.clone();
+    /// let b = smolvm::VmBuilder::new()
+    ///     .console_callback(move |bytes| o.lock().unwrap().extend_from_slice(bytes));
+    /// # drop(b);
+    /// ```
+    pub fn console_callback(mut self, f: impl FnMut(&[u8]) + Send + 'static) -> Self {
+        self.console = ConsoleSink::Callback(Box::new(f));
+        self
+    }
+
+    /// Adds a caller-provided device on x86 I/O ports `base .. base + len`. Start-up fails
+    /// with [`crate::Error::Bus`] if the range overlaps a built-in device (COM1 0x3f8-0x3ff,
+    /// i8042 0x60/0x64, PM1a control 0x604-0x605) or another caller device.
+    ///
+    /// # Example
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use smolvm::devices::BusDevice;
+    ///
+    /// struct DebugPort;
+    /// impl BusDevice for DebugPort {
+    ///     fn read(&mut self, _: u64, _: u64, d: &mut [u8]) { d.fill(0) }
+    ///     fn write(&mut self, _: u64, _: u64, d: &[u8]) { eprintln!("guest: {d:?}") }
+    /// }
+    /// let b = smolvm::VmBuilder::new().pio_device(0x510, 4, Arc::new(Mutex::new(DebugPort)));
+    /// # drop(b);
+    /// ```
+    pub fn pio_device(mut self, base: u16, len: u16, device: Arc<Mutex<dyn BusDevice>>) -> Self {
+        self.pio_devices.push(ExtraDevice {
+            base: u64::from(base),
+            len: u64::from(len),
+            device,
+        });
+        self
+    }
+
+    /// Adds a caller-provided device at guest physical `base .. base + len`, which must not
+    /// overlap guest RAM (use the MMIO gap below 4 GiB).
+    ///
+    /// # Example
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use smolvm::devices::BusDevice;
+    ///
+    /// struct Scratch([u8; 8]);
+    /// impl BusDevice for Scratch {
+    ///     fn read(&mut self, _: u64, o: u64, d: &mut [u8]) { d.fill(self.0[o as usize % 8]) }
+    ///     fn write(&mut self, _: u64, o: u64, d: &[u8]) { self.0[o as usize % 8] = d[0] }
+    /// }
+    /// let b = smolvm::VmBuilder::new()
+    ///     .mmio_device(0xd100_0000, 0x1000, Arc::new(Mutex::new(Scratch([0; 8]))));
+    /// # drop(b);
+    /// ```
+    pub fn mmio_device(mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Self {
+        self.mmio_devices.push(ExtraDevice { base, len, device });
+        self
+    }
+
+    /// How often [`VmHandle::wait`](super::VmHandle::wait) checks whether every vCPU is halted
+    /// with interrupts disabled (`None` turns the check off). Each check interrupts every vCPU
+    /// once; the default is 200 ms.
+    ///
+    /// # Example
+    /// ```
+    /// use std::time::Duration;
+    /// let b = smolvm::VmBuilder::new().halt_probe(Some(Duration::from_millis(50)));
+    /// # drop(b);
+    /// ```
+    pub fn halt_probe(mut self, every: Option<Duration>) -> Self {
+        self.halt_probe = every;
+        self
+    }
+
+    /// Fails [`start`](Self::start) with [`crate::Error::SoftwareVirtualization`] on a host
+    /// whose hypervisor cannot run an unmodified Linux kernel (e.g. `kvm_pvm`). Off by
+    /// default, because small purpose-built guests run fine there (a warning is logged).
+    ///
+    /// # Example
+    /// ```
+    /// let b = smolvm::VmBuilder::new().require_hardware_virtualization(true);
+    /// # drop(b);
+    /// ```
+    pub fn require_hardware_virtualization(mut self, yes: bool) -> Self {
+        self.require_hardware_virtualization = yes;
+        self
+    }
+}

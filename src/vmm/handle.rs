@@ -1,0 +1,273 @@
+//! [`VmHandle`]: a running VM.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::control::Control;
+use super::ExitReason;
+use crate::devices::legacy::Serial;
+use crate::devices::InterruptLine;
+use crate::hypervisor::Vm;
+use crate::memory::GuestMemory;
+use crate::{Error, Result};
+
+/// Where a VM is in its lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmState {
+    /// vCPUs are running guest code.
+    Running,
+    /// vCPUs are parked; the guest sees no time pass in its instruction stream.
+    Paused,
+    /// The VM stopped for good.
+    Exited(ExitReason),
+}
+
+/// What a VM owns while it exists; dropped as a unit once every vCPU thread has ended.
+pub(super) struct Resources {
+    pub vm: Arc<dyn Vm>,
+    pub memory: GuestMemory,
+    pub serial: Arc<Mutex<Serial>>,
+}
+
+/// A running VM, returned by [`VmBuilder::start`](super::VmBuilder::start).
+///
+/// Every method takes `&self`, so one thread can [`wait`](Self::wait) while another
+/// [`stop`](Self::stop)s. Dropping the handle stops the VM and joins its threads.
+///
+/// # Example
+/// ```no_run
+/// use std::time::Duration;
+/// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+/// vm.pause()?;
+/// vm.resume()?;
+/// match vm.wait_timeout(Duration::from_secs(5)) {
+///     Some(reason) => println!("guest ended: {reason}"),
+///     None => println!("stopped: {}", vm.stop()),
+/// }
+/// # Ok::<(), smolvm::Error>(())
+/// ```
+pub struct VmHandle {
+    pub(super) control: Arc<Control>,
+    pub(super) threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) resources: Mutex<Option<Resources>>,
+    pub(super) halt_probe: Option<Duration>,
+}
+
+impl std::fmt::Debug for VmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmHandle")
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmHandle {
+    /// Blocks until the VM stops, joins every vCPU thread, releases the VM's resources and
+    /// returns why it stopped. Calling it again returns the same reason.
+    ///
+    /// While waiting it checks every [`halt_probe`](super::VmBuilder::halt_probe) interval
+    /// whether all vCPUs are halted with interrupts disabled, and ends the VM with
+    /// [`ExitReason::Halted`] if so.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// assert!(vm.wait().is_guest_shutdown());
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn wait(&self) -> ExitReason {
+        let reason = loop {
+            if let Some(r) = self.control.wait_exit(None, self.halt_probe) {
+                break r;
+            }
+        };
+        self.finish();
+        reason
+    }
+
+    /// Like [`wait`](Self::wait), but gives up after `timeout` and returns `None` if the VM is
+    /// still running.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// if vm.wait_timeout(Duration::from_secs(1)).is_none() {
+    ///     vm.stop();
+    /// }
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        let reason = self.control.wait_exit(Some(timeout), self.halt_probe)?;
+        self.finish();
+        Some(reason)
+    }
+
+    /// Stops the VM (if it is still running), joins every vCPU thread, releases every
+    /// resource (memory, file descriptors) and returns why the VM ended: [`ExitReason::Stopped`]
+    /// unless it had already ended on its own.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// println!("{}", vm.stop());
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn stop(&self) -> ExitReason {
+        self.control.request_exit(ExitReason::Stopped);
+        self.finish();
+        self.control.exit_reason().unwrap_or(ExitReason::Stopped)
+    }
+
+    /// Stops guest execution: returns once no vCPU runs guest code. Device state and guest
+    /// memory stay as they are until [`resume`](Self::resume).
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] if the VM has already exited.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// vm.pause()?;
+    /// assert_eq!(vm.state(), smolvm::VmState::Paused);
+    /// vm.resume()?;
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn pause(&self) -> Result<()> {
+        if self.control.pause() {
+            Ok(())
+        } else {
+            Err(Error::InvalidState {
+                op: "pause",
+                state: "exited",
+            })
+        }
+    }
+
+    /// Lets a paused VM run again. Resuming a running VM does nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] if the VM has already exited.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// vm.pause()?;
+    /// vm.resume()?;
+    /// assert_eq!(vm.state(), smolvm::VmState::Running);
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn resume(&self) -> Result<()> {
+        if self.control.exit_reason().is_some() {
+            return Err(Error::InvalidState {
+                op: "resume",
+                state: "exited",
+            });
+        }
+        self.control.resume();
+        Ok(())
+    }
+
+    /// The VM's current state.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// println!("{:?}", vm.state());
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn state(&self) -> VmState {
+        match self.control.exit_reason() {
+            Some(r) => VmState::Exited(r),
+            None if self.control.is_paused() => VmState::Paused,
+            None => VmState::Running,
+        }
+    }
+
+    /// Sends `input` to the guest's serial console. Returns how many bytes the UART's 64-byte
+    /// receive FIFO accepted; send the rest after the guest has read some.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] after the VM exited; a hypervisor error if the receive interrupt
+    /// could not be raised.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// let n = vm.send_console_input(b"ls\n")?;
+    /// # let _ = n;
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn send_console_input(&self, input: &[u8]) -> Result<usize> {
+        let serial = self.with_resources("send console input", |r| r.serial.clone())?;
+        let mut serial = serial.lock().unwrap_or_else(|e| e.into_inner());
+        serial
+            .enqueue_input(input)
+            .map_err(|e| crate::hypervisor::HypervisorError::backend("raise serial IRQ", e).into())
+    }
+
+    /// An interrupt line the host can raise into the guest (through irqfd where the
+    /// hypervisor supports it). `gsi` is an IOAPIC pin on x86 (0-23).
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] after the VM exited; a hypervisor error if the line cannot be
+    /// registered.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// let line = vm.interrupt_line(10)?;
+    /// line.trigger()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn interrupt_line(&self, gsi: u32) -> Result<InterruptLine> {
+        let vm = self.with_resources("create an interrupt line", |r| r.vm.clone())?;
+        Ok(InterruptLine::new(&vm, gsi)?)
+    }
+
+    /// The guest's memory, for inspection or for devices the caller runs itself.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] after the VM exited and its memory was released.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use vm_memory::{Bytes, GuestAddress};
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// let mem = vm.memory()?;
+    /// let magic: u32 = mem.read_obj(GuestAddress(0x7000 + 0x202)).unwrap();
+    /// # let _ = magic;
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn memory(&self) -> Result<GuestMemory> {
+        self.with_resources("access memory", |r| r.memory.clone())
+    }
+
+    fn with_resources<T>(&self, op: &'static str, f: impl FnOnce(&Resources) -> T) -> Result<T> {
+        let res = self.resources.lock().unwrap_or_else(|e| e.into_inner());
+        res.as_ref().map(f).ok_or(Error::InvalidState {
+            op,
+            state: "exited",
+        })
+    }
+
+    /// Joins the vCPU threads and drops the VM's resources. Idempotent.
+    fn finish(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+        let resources = self.resources.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(resources);
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        self.control.request_exit(ExitReason::Stopped);
+        self.finish();
+    }
+}

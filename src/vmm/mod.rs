@@ -1,0 +1,16 @@
+//! The VM lifecycle: configuration ([`VmBuilder`]) → a running VM ([`VmHandle`]) → why it
+//! stopped ([`ExitReason`]).
+//!
+//! One thread per vCPU runs guest code and handles its exits (port I/O, MMIO) inline; the
+//! handle coordinates them through [`control`](self) state and vCPU kicks.
+
+mod builder;
+mod config;
+mod control;
+mod exit;
+mod handle;
+mod vcpu_thread;
+
+pub use config::VmBuilder;
+pub use exit::ExitReason;
+pub use handle::{VmHandle, VmState};
