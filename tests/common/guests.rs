@@ -83,7 +83,9 @@ fn cc() -> String {
 pub fn source_dir() -> PathBuf {
     match std::env::var_os("SMOLVM_TINY_GUEST_DIR") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("guest").join("tiny"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("guest")
+            .join("tiny"),
     }
 }
 
@@ -105,7 +107,9 @@ fn toolchain() -> Result<&'static str, String> {
             }
             let cc = cc();
             match Command::new(&cc).arg("--version").output() {
-                Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+                Ok(out) if out.status.success() => {
+                    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+                }
                 Ok(out) => Err(format!(
                     "`{cc} --version` failed ({}): {}",
                     out.status,
@@ -151,7 +155,10 @@ pub fn try_guest(name: &str) -> Result<PathBuf, String> {
     }
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     // One build at a time per process; other processes are handled by the atomic rename.
-    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(p) = built.get(name) {
         return Ok(p.clone());
     }
@@ -161,7 +168,12 @@ pub fn try_guest(name: &str) -> Result<PathBuf, String> {
         .iter()
         .map(|ext| dir.join(format!("{name}.{ext}")))
         .find(|p| p.is_file())
-        .ok_or_else(|| format!("no tiny guest {name:?}: neither {name}.S nor {name}.c in {}", dir.display()))?;
+        .ok_or_else(|| {
+            format!(
+                "no tiny guest {name:?}: neither {name}.S nor {name}.c in {}",
+                dir.display()
+            )
+        })?;
     let script = dir.join("link.ld");
 
     // Key: guest name, flags, compiler version and every source file in the directory
@@ -184,7 +196,8 @@ pub fn try_guest(name: &str) -> Result<PathBuf, String> {
     }
 
     let out_dir = cache_dir();
-    std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
     let out = out_dir.join(format!("{name}-{:016x}.elf", h.0));
     if !out.is_file() {
         static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -202,7 +215,9 @@ pub fn try_guest(name: &str) -> Result<PathBuf, String> {
             .arg("-o")
             .arg(&tmp)
             .arg(&source);
-        let result = cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+        let result = cmd
+            .output()
+            .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
         if !result.status.success() {
             let _ = std::fs::remove_file(&tmp);
             return Err(format!(

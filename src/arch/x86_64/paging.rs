@@ -69,7 +69,7 @@ mod tests {
         // Walk an address: 0x2345_6789 -> PD index 0x11a, offset within the 2 MiB page.
         let va = 0x2345_6789u64;
         let pde = entry(&mem, PDE_START, (va >> 21) & 0x1ff);
-        assert_eq!((pde & !0x1f_ffff & !0xfff) | (va & 0x1f_ffff), va);
+        assert_eq!((pde & !0x1f_ffff) | (va & 0x1f_ffff), va);
     }
 
     #[test]

@@ -47,13 +47,22 @@ impl Kvm {
     /// fix the host), or [`HypervisorError::MissingCapability`] when the kernel lacks
     /// something smolvm needs.
     pub fn open() -> Result<Self> {
-        let kvm = kvm_ioctls::Kvm::new().map_err(|e| match e.errno() {
-            libc::ENOENT | libc::ENXIO | libc::ENODEV => {
-                HypervisorError::NotFound { path: KVM_PATH }
-            }
-            libc::EACCES | libc::EPERM => HypervisorError::PermissionDenied { path: KVM_PATH },
-            _ => HypervisorError::backend("open /dev/kvm", e),
-        })?;
+        Self::open_path(KVM_PATH)
+    }
+
+    /// Like [`Kvm::open`], for a KVM device at another path (containers sometimes bind it
+    /// elsewhere).
+    ///
+    /// # Example
+    /// ```
+    /// use smolvm::hypervisor::{kvm::Kvm, HypervisorError};
+    /// let err = Kvm::open_path("/nonexistent/kvm").unwrap_err();
+    /// assert!(matches!(err, HypervisorError::NotFound { .. }));
+    /// ```
+    pub fn open_path(path: &'static str) -> Result<Self> {
+        let cpath = std::ffi::CString::new(path)
+            .map_err(|_| HypervisorError::InvalidArgument(format!("path {path:?} has a NUL")))?;
+        let kvm = kvm_ioctls::Kvm::new_with_path(&cpath).map_err(|e| open_error(path, e.errno()))?;
         if kvm.get_api_version() != 12 {
             return Err(HypervisorError::MissingCapability("KVM API version 12"));
         }
@@ -109,6 +118,15 @@ impl Kvm {
     }
 }
 
+/// Maps the errno of opening the KVM device to an error that says how to fix the host.
+fn open_error(path: &'static str, errno: i32) -> HypervisorError {
+    match errno {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => HypervisorError::NotFound { path },
+        libc::EACCES | libc::EPERM => HypervisorError::PermissionDenied { path },
+        _ => HypervisorError::backend("open KVM device", std::io::Error::from_raw_os_error(errno)),
+    }
+}
+
 /// Whether `/dev/kvm` is the `kvm_pvm` software hypervisor (no VMX/SVM underneath).
 fn is_software_kvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
@@ -132,4 +150,37 @@ impl Hypervisor for Kvm {
 /// Maps a kvm-ioctls error to ours.
 fn err(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> HypervisorError {
     move |e| HypervisorError::backend(op, std::io::Error::from_raw_os_error(e.errno()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_errors_say_what_to_do() {
+        let e = open_error("/dev/kvm", libc::EACCES);
+        assert!(matches!(e, HypervisorError::PermissionDenied { .. }));
+        assert!(e.to_string().contains("kvm` group"), "{e}");
+        let e = open_error("/dev/kvm", libc::ENOENT);
+        assert!(matches!(e, HypervisorError::NotFound { .. }));
+        assert!(e.to_string().contains("modprobe"), "{e}");
+        assert!(matches!(
+            open_error("/dev/kvm", libc::EIO),
+            HypervisorError::Backend { .. }
+        ));
+    }
+
+    #[test]
+    fn missing_device_is_not_found() {
+        assert!(matches!(
+            Kvm::open_path("/nonexistent/kvm"),
+            Err(HypervisorError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn a_file_that_is_not_kvm_is_rejected() {
+        // /dev/null opens fine but answers no KVM ioctl.
+        assert!(Kvm::open_path("/dev/null").is_err());
+    }
 }
