@@ -26,7 +26,7 @@ pub enum MemoryError {
 /// ```
 /// use vm_memory::GuestAddress;
 /// let mem = smolvm::memory::create(&[(GuestAddress(0), 1 << 20)]).unwrap();
-/// assert_eq!(vm_memory::GuestMemory::num_regions(&mem), 1);
+/// assert_eq!(vm_memory::GuestMemoryBackend::num_regions(&mem), 1);
 /// ```
 pub fn create(regions: &[(GuestAddress, usize)]) -> Result<GuestMemory, MemoryError> {
     GuestMemoryMmap::from_ranges(regions).map_err(|e| MemoryError::Map {

@@ -5,6 +5,9 @@ use std::io::{self, Write};
 
 use crate::devices::{BusDevice, InterruptLine};
 
+/// A callback that receives console output.
+pub type ConsoleCallback = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Where guest console output goes: any writer, or a callback.
 pub enum ConsoleSink {
     /// Output is dropped.
@@ -12,7 +15,7 @@ pub enum ConsoleSink {
     /// Output is written to this writer, byte by byte as the guest sends it.
     Writer(Box<dyn Write + Send>),
     /// Output is handed to this callback, one byte slice per guest write.
-    Callback(Box<dyn FnMut(&[u8]) + Send>),
+    Callback(ConsoleCallback),
 }
 
 impl std::fmt::Debug for ConsoleSink {

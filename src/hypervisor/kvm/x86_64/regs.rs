@@ -155,8 +155,7 @@ mod tests {
 
     #[test]
     fn special_registers_round_trip() {
-        let mut n = SpecialRegisters::default();
-        n.cs = Segment {
+        let cs = Segment {
             base: 0,
             limit: 0xfffff,
             selector: 0x8,
@@ -170,9 +169,16 @@ mod tests {
             available: false,
             unusable: false,
         };
-        n.gdt = DescriptorTable { base: 0x500, limit: 31 };
-        n.cr0 = 0x8000_0011;
-        n.efer = 0x500;
+        let n = SpecialRegisters {
+            cs,
+            gdt: DescriptorTable {
+                base: 0x500,
+                limit: 31,
+            },
+            cr0: 0x8000_0011,
+            efer: 0x500,
+            ..Default::default()
+        };
         let mut k = kvm_sregs {
             apic_base: 0xfee0_0900,
             ..Default::default()
