@@ -220,7 +220,10 @@ fn phases(c: &mut Criterion) {
                 .start()
                 .unwrap();
             assert_eq!(vm.wait(), ExitReason::Reset);
-            assert_eq!(out.lock().unwrap().as_slice(), guests::HELLO_OUTPUT.as_bytes());
+            assert_eq!(
+                out.lock().unwrap().as_slice(),
+                guests::HELLO_OUTPUT.as_bytes()
+            );
         })
     });
 

@@ -71,10 +71,7 @@ fn memory_too_small_for_initrd() {
     assert!(
         matches!(
             err,
-            Error::Boot(BootError::MemoryTooSmall {
-                what: "initrd",
-                ..
-            })
+            Error::Boot(BootError::MemoryTooSmall { what: "initrd", .. })
         ),
         "{err:?}"
     );

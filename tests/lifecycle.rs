@@ -99,7 +99,11 @@ fn all_vcpus_run() {
         assert_eq!(console.text(), guests::smp_output(n as usize), "{n} vCPUs");
         let mut ids = port.values();
         ids.sort_unstable();
-        assert_eq!(ids, (0..n).collect::<Vec<_>>(), "APIC ids reported by {n} vCPUs");
+        assert_eq!(
+            ids,
+            (0..n).collect::<Vec<_>>(),
+            "APIC ids reported by {n} vCPUs"
+        );
     }
 }
 
@@ -179,7 +183,11 @@ fn irqfd_interrupt_reaches_guest_handler() {
     line.trigger().expect("trigger");
     assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
     assert_eq!(port.values(), vec![guests::IRQ_VECTOR]);
-    assert!(console.text().ends_with(guests::IRQ_OK_OUTPUT), "{:?}", console.text());
+    assert!(
+        console.text().ends_with(guests::IRQ_OK_OUTPUT),
+        "{:?}",
+        console.text()
+    );
 }
 
 #[test]
@@ -221,7 +229,11 @@ fn stop_leaves_no_threads_or_fds() {
         assert!(harness::open_fds() > fds);
         assert_eq!(vm.stop(), ExitReason::Stopped);
         assert_eq!(harness::threads(), threads, "threads left after stop()");
-        assert_eq!(harness::open_fds(), fds, "file descriptors left after stop()");
+        assert_eq!(
+            harness::open_fds(),
+            fds,
+            "file descriptors left after stop()"
+        );
         drop(vm);
     }
     // The same after a guest-initiated exit and wait().

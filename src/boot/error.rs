@@ -58,9 +58,12 @@ pub enum BootError {
         /// Where.
         addr: u64,
     },
-    /// A vCPU count the platform tables cannot describe (0, or more than fit the MP table).
+    /// A vCPU count the platform tables cannot describe: 0, or more than
+    /// [`MAX_VCPUS`](crate::arch::x86_64::mptable::MAX_VCPUS) (the MP table's APIC ids are 8
+    /// bits, and one of them is the IOAPIC's).
     #[error(
-        "{0} vCPUs requested; the MP table describes 1 to {max}",
+        "{0} vCPUs requested; the MP table describes 1 to {max} (8-bit APIC ids, one of them \
+         the IOAPIC's)",
         max = crate::arch::x86_64::mptable::MAX_VCPUS
     )]
     TooManyVcpus(u32),

@@ -9,7 +9,9 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
+#[cfg(target_arch = "x86_64")]
 use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult};
+#[cfg(target_arch = "x86_64")]
 use vm_memory::{ByteValued, GuestAddress};
 
 use super::{low_ram_end, BootError};
@@ -60,6 +62,7 @@ const MAX_NOTE_SEGMENT: u64 = 1 << 20;
 const SETUP_HEADER_OFFSET: usize = 0x1f1;
 const HDRS_OFFSET: usize = 0x202;
 /// Offset of the 64-bit entry point from the protected-mode kernel's load address.
+#[cfg(target_arch = "x86_64")]
 const BZIMAGE_ENTRY_64_OFFSET: u64 = 0x200;
 
 /// Loads the kernel at `path` into `mem`, detecting the format.
@@ -114,11 +117,23 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
         ));
     };
 
+    load_image(mem, &mut file, path, image)
+}
+
+/// Puts a validated image into guest memory with linux-loader, whose ELF and bzImage loaders
+/// exist only when it is built for x86.
+#[cfg(target_arch = "x86_64")]
+fn load_image(
+    mem: &GuestMemory,
+    file: &mut File,
+    path: &Path,
+    image: Image,
+) -> Result<LoadedKernel, BootError> {
     let map_loader = |e: linux_loader::loader::Error| map_loader_error(path, mem, e);
     match image {
         Image::Elf(elf) => {
-            let res = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-                .map_err(map_loader)?;
+            let res =
+                Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(map_loader)?;
             let (format, entry) = match elf.pvh_entry {
                 Some(pvh) => (KernelFormat::ElfPvh, pvh),
                 None => (KernelFormat::Elf, elf.entry),
@@ -135,14 +150,17 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
             let res: KernelLoaderResult = BzImage::load(
                 mem,
                 Some(GuestAddress(HIMEM_START)),
-                &mut file,
+                file,
                 Some(GuestAddress(HIMEM_START)),
             )
             .map_err(map_loader)?;
-            let setup_header = res
-                .setup_header
-                .map(|h| h.as_slice().to_vec())
-                .ok_or_else(|| format_err("bzImage without a setup header".into()))?;
+            let setup_header =
+                res.setup_header
+                    .map(|h| h.as_slice().to_vec())
+                    .ok_or_else(|| BootError::KernelFormat {
+                        path: path.to_path_buf(),
+                        detail: "bzImage without a setup header".into(),
+                    })?;
             log::debug!("loaded bzImage {path:?} at {HIMEM_START:#x}");
             Ok(LoadedKernel {
                 format: KernelFormat::BzImage,
@@ -152,6 +170,29 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
             })
         }
     }
+}
+
+/// The x86_64 kernel formats are only loaded on x86_64 hosts (a guest runs on the host's
+/// architecture); elsewhere a recognised image is reported rather than loaded.
+#[cfg(not(target_arch = "x86_64"))]
+fn load_image(
+    _mem: &GuestMemory,
+    _file: &mut File,
+    path: &Path,
+    image: Image,
+) -> Result<LoadedKernel, BootError> {
+    let found = match image {
+        Image::Elf(ElfInfo {
+            pvh_entry: Some(entry),
+            ..
+        }) => format!("x86_64 vmlinux with PVH entry {entry:#x}"),
+        Image::Elf(ElfInfo { entry, .. }) => format!("x86_64 vmlinux with entry {entry:#x}"),
+        Image::BzImage(BzInfo { end }) => format!("x86_64 bzImage loading up to {end:#x}"),
+    };
+    Err(BootError::KernelFormat {
+        path: path.to_path_buf(),
+        detail: format!("{found}; x86_64 kernels are only loaded on x86_64 hosts"),
+    })
 }
 
 /// A validated image, before loading.
@@ -360,6 +401,7 @@ fn check_fits(mem: &GuestMemory, start: u64, end: u64) -> Result<(), BootError> 
     Ok(())
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Maps a linux-loader error to a typed one (the headers were checked before, so these
 /// mostly mean I/O errors or a file that changed underneath).
 fn map_loader_error(path: &Path, mem: &GuestMemory, e: linux_loader::loader::Error) -> BootError {

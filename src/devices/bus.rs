@@ -134,7 +134,11 @@ impl Bus {
         }
         let pos = self.entries.partition_point(|e| e.base < base);
         let neighbours = [pos.checked_sub(1), Some(pos)];
-        for e in neighbours.into_iter().flatten().filter_map(|i| self.entries.get(i)) {
+        for e in neighbours
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.entries.get(i))
+        {
             if base < e.base + e.len && e.base < base + len {
                 return Err(BusError::Overlap {
                     new_base: base,
@@ -163,7 +167,11 @@ impl Bus {
                 true
             }
             None => {
-                log::debug!("{}: unclaimed read of {} bytes at {addr:#x}", self.name, data.len());
+                log::debug!(
+                    "{}: unclaimed read of {} bytes at {addr:#x}",
+                    self.name,
+                    data.len()
+                );
                 data.fill(0xff);
                 false
             }
@@ -217,7 +225,13 @@ mod tests {
     fn overlaps_are_rejected_on_both_sides() {
         let mut bus = Bus::new("t");
         bus.insert(0x100, 0x10, dev()).unwrap();
-        for (b, l) in [(0xf8, 0x9), (0x10f, 1), (0x100, 0x10), (0x104, 2), (0x0, 0x1000)] {
+        for (b, l) in [
+            (0xf8, 0x9),
+            (0x10f, 1),
+            (0x100, 0x10),
+            (0x104, 2),
+            (0x0, 0x1000),
+        ] {
             assert!(
                 matches!(bus.insert(b, l, dev()), Err(BusError::Overlap { .. })),
                 "{b:#x}+{l:#x}"
@@ -230,7 +244,10 @@ mod tests {
     #[test]
     fn empty_and_wrapping_ranges_are_rejected() {
         let mut bus = Bus::new("t");
-        assert!(matches!(bus.insert(5, 0, dev()), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(5, 0, dev()),
+            Err(BusError::InvalidRange { .. })
+        ));
         assert!(matches!(
             bus.insert(u64::MAX, 2, dev()),
             Err(BusError::InvalidRange { .. })

@@ -54,10 +54,7 @@ impl InterruptLine {
                 Ok(()) => {
                     return Ok(InterruptLine {
                         gsi,
-                        kind: Kind::Irqfd {
-                            fd,
-                            vm: vm.clone(),
-                        },
+                        kind: Kind::Irqfd { fd, vm: vm.clone() },
                     })
                 }
                 Err(HypervisorError::Unsupported(_)) => {}

@@ -13,13 +13,17 @@ use super::ExitReason;
 use crate::arch::x86_64::layout;
 use crate::devices::legacy::{self, PmControl, Serial, I8042};
 use crate::devices::{Bus, InterruptLine, PlatformEvent, PlatformEventSink};
+#[cfg(target_arch = "x86_64")]
+use crate::hypervisor::arch::x86_64::BootState;
+#[cfg(not(target_arch = "x86_64"))]
+use crate::hypervisor::HypervisorError;
 use crate::hypervisor::{self, Hypervisor, IrqchipOrder, MemoryRegion, Vm};
 use crate::memory::{self, GuestMemory};
-use crate::{boot, Error, Result};
+use crate::{Error, Result};
 
 /// Most vCPUs the platform tables describe (MP table APIC ids are 8-bit, one id is the
-/// IOAPIC's).
-pub const MAX_VCPUS: u32 = 254;
+/// IOAPIC's): [`mptable::MAX_VCPUS`](crate::arch::x86_64::mptable::MAX_VCPUS).
+pub const MAX_VCPUS: u32 = crate::arch::x86_64::mptable::MAX_VCPUS;
 
 /// The process-wide hypervisor, opened on first use: `/dev/kvm` is opened and probed once,
 /// and `KVM_GET_SUPPORTED_CPUID` is asked once, however many VMs the process starts.
@@ -96,14 +100,10 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
     let vm = hv.create_vm()?;
     map_memory(vm.as_ref(), &memory)?;
 
-    let kernel_path = cfg.kernel.take().expect("validated");
-    let kernel = boot::load_kernel(&memory, &kernel_path)?;
-    let initrd = match &cfg.initrd {
-        Some(p) => Some(boot::load_initrd(&memory, p, &kernel)?),
-        None => None,
-    };
-    let boot_state =
-        crate::arch::x86_64::configure_system(&memory, &kernel, &cfg.cmdline, initrd, cfg.vcpus)?;
+    #[cfg(target_arch = "x86_64")]
+    let boot_state = load_guest(&cfg, &memory)?;
+    #[cfg(not(target_arch = "x86_64"))]
+    load_guest(&cfg, &memory)?;
 
     let order = vm.irqchip_order();
     if order == IrqchipOrder::BeforeVcpus {
@@ -158,6 +158,7 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
             vm: vm.clone(),
             // Only the boot CPU starts at the kernel entry; the others wait for INIT/SIPI
             // like real hardware, so the guest brings them up itself.
+            #[cfg(target_arch = "x86_64")]
             boot: (id == 0).then_some(boot_state),
             pio: pio.clone(),
             mmio: mmio.clone(),
@@ -200,13 +201,37 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
     Ok(VmHandle {
         control,
         threads: Mutex::new(threads),
-        resources: Mutex::new(Some(Resources {
-            vm,
-            memory,
-            serial,
-        })),
+        resources: Mutex::new(Some(Resources { vm, memory, serial })),
         halt_probe: cfg.halt_probe,
     })
+}
+
+/// Loads the kernel and initrd and writes the platform tables the kernel reads; returns the
+/// boot CPU's register state.
+#[cfg(target_arch = "x86_64")]
+fn load_guest(cfg: &VmBuilder, memory: &GuestMemory) -> Result<BootState> {
+    let kernel_path = cfg.kernel.as_deref().expect("validated");
+    let kernel = crate::boot::load_kernel(memory, kernel_path)?;
+    let initrd = match &cfg.initrd {
+        Some(p) => Some(crate::boot::load_initrd(memory, p, &kernel)?),
+        None => None,
+    };
+    Ok(crate::arch::x86_64::configure_system(
+        memory,
+        &kernel,
+        &cfg.cmdline,
+        initrd,
+        cfg.vcpus,
+    )?)
+}
+
+/// The boot path (kernel formats, platform tables, boot CPU state) exists for x86_64 guests
+/// only, and a guest runs on the host's architecture.
+#[cfg(not(target_arch = "x86_64"))]
+fn load_guest(_cfg: &VmBuilder, _memory: &GuestMemory) -> Result<()> {
+    Err(Error::Hypervisor(HypervisorError::Unsupported(
+        "booting a guest on this host architecture (only x86_64 guests can be booted so far)",
+    )))
 }
 
 fn create_memory(size: u64) -> Result<GuestMemory> {
@@ -251,7 +276,3 @@ fn check_not_ram(memory: &GuestMemory, base: u64, len: u64) -> Result<()> {
     }
     Ok(())
 }
-
-
-
-

@@ -260,7 +260,11 @@ impl VmHandle {
                 log::error!("a vCPU thread panicked");
             }
         }
-        let resources = self.resources.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let resources = self
+            .resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         drop(resources);
     }
 }

@@ -56,15 +56,16 @@ impl Startup {
     }
 
     /// Builder side: waits until `expected` threads reported (fewer if some never started).
-    pub fn collect(
-        &self,
-        expected: usize,
-    ) -> Vec<Result<Arc<dyn VcpuKick>, HypervisorError>> {
+    pub fn collect(&self, expected: usize) -> Vec<Result<Arc<dyn VcpuKick>, HypervisorError>> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while s.reports.iter().take(expected).any(Option::is_none) {
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
-        s.reports.iter_mut().take(expected).filter_map(Option::take).collect()
+        s.reports
+            .iter_mut()
+            .take(expected)
+            .filter_map(Option::take)
+            .collect()
     }
 
     /// Builder side: lets the threads run (`true`) or tells them to give up (`false`).
@@ -102,9 +103,8 @@ pub(super) fn spawn(ctx: VcpuContext, startup: Arc<Startup>) -> std::io::Result<
                 }
             };
             if startup.wait_decision() {
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_loop(vcpu, &ctx)
-                }));
+                let run =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(vcpu, &ctx)));
                 if run.is_err() {
                     ctx.control.request_exit(ExitReason::VmmError {
                         vcpu: Some(ctx.id),

@@ -8,8 +8,9 @@
 //! 0x0000_7000  Linux zero page (boot_params)
 //! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000 PD (identity map of the first 1 GiB)
 //! 0x0002_0000  kernel command line
-//! 0x0009_fc00  EBDA: MP floating pointer + MP table
-//! 0x000a_0000  VGA hole / BIOS area (reserved in e820)
+//! 0x0009_fc00  EBDA: MP floating pointer (16 bytes)
+//! 0x000a_0000  VGA hole (reserved in e820, as is everything up to 1 MiB)
+//! 0x000f_0000  BIOS area: MP configuration table
 //! 0x0010_0000  kernel (HIMEM_START)
 //! ...          RAM up to min(size, MMIO_GAP_START)
 //! 0xc000_0000  MMIO gap: virtio-mmio devices from MMIO_DEVICES_START, IOAPIC, LAPIC
@@ -40,10 +41,16 @@ pub const PDE_START: u64 = 0xb000;
 pub const CMDLINE_START: u64 = 0x20000;
 /// Largest command line, including the terminating NUL (Linux x86 COMMAND_LINE_SIZE).
 pub const CMDLINE_MAX_SIZE: usize = 2048;
-/// Extended BIOS data area; the MP table lives here.
+/// Extended BIOS data area; the MP floating pointer lives here (Linux scans the EBDA's first
+/// KiB for it).
 pub const EBDA_START: u64 = 0x9fc00;
 /// End of conventional memory (start of the VGA hole).
 pub const LOW_RAM_END: u64 = 0xa0000;
+/// MP configuration table, in the BIOS area (reserved in e820 like all of
+/// `[EBDA_START, HIMEM_START)`); the floating pointer at [`EBDA_START`] points here.
+pub const MPTABLE_CONFIG_START: u64 = 0xf0000;
+/// End of the BIOS area the MP configuration table may use.
+pub const MPTABLE_CONFIG_END: u64 = HIMEM_START;
 /// Where kernels are loaded (1 MiB).
 pub const HIMEM_START: u64 = 0x100000;
 /// Start of the 32-bit MMIO gap: RAM below 4 GiB stops here.
@@ -120,6 +127,11 @@ mod tests {
             (PDE_START, 0x1000),
             (CMDLINE_START, CMDLINE_MAX_SIZE as u64),
             (EBDA_START, LOW_RAM_END - EBDA_START),
+            (
+                MPTABLE_CONFIG_START,
+                MPTABLE_CONFIG_END - MPTABLE_CONFIG_START,
+            ),
+            (HIMEM_START, 1),
         ];
         for (i, a) in areas.iter().enumerate() {
             for b in &areas[i + 1..] {

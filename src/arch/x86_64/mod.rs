@@ -6,18 +6,25 @@ pub mod layout;
 pub mod memmap;
 pub mod mptable;
 pub mod paging;
+// The zero page and PVH start_info use linux-loader's `boot_params` / `hvm_start_info`, which
+// it only provides when built for x86; the rest of this module is plain data and compiles (and
+// tests) on any host.
+#[cfg(target_arch = "x86_64")]
 pub mod pvh;
+#[cfg(target_arch = "x86_64")]
 pub mod zero_page;
 
-use vm_memory::{Bytes, GuestAddress};
-
-use crate::boot::{BootError, InitrdRange, KernelCmdline, KernelFormat, LoadedKernel};
-use crate::hypervisor::arch::x86_64::bits::{
-    CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED,
+#[cfg(target_arch = "x86_64")]
+use {
+    crate::boot::{BootError, InitrdRange, KernelCmdline, KernelFormat, LoadedKernel},
+    crate::hypervisor::arch::x86_64::bits::{
+        CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED,
+    },
+    crate::hypervisor::arch::x86_64::{BootState, Registers, SpecialRegisters},
+    crate::memory::GuestMemory,
+    layout::{BOOT_STACK_POINTER, CMDLINE_START, ZERO_PAGE_START},
+    vm_memory::{Bytes, GuestAddress},
 };
-use crate::hypervisor::arch::x86_64::{BootState, Registers, SpecialRegisters};
-use crate::memory::GuestMemory;
-use layout::{BOOT_STACK_POINTER, CMDLINE_START, ZERO_PAGE_START};
 
 /// Writes everything the kernel reads at entry — command line, zero page with e820 map (or PVH
 /// start_info with its memory map), MP table for `vcpus` CPUs, GDT, empty IDT and identity
@@ -54,6 +61,7 @@ use layout::{BOOT_STACK_POINTER, CMDLINE_START, ZERO_PAGE_START};
 /// assert_eq!(state.regs.rip, 0x100_0000);
 /// assert_eq!(state.regs.rsi, smolvm::arch::x86_64::layout::ZERO_PAGE_START);
 /// ```
+#[cfg(target_arch = "x86_64")]
 pub fn configure_system(
     mem: &GuestMemory,
     kernel: &LoadedKernel,
@@ -150,7 +158,7 @@ pub fn configure_system(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
     use crate::hypervisor::arch::x86_64::Segment;

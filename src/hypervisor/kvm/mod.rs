@@ -62,7 +62,8 @@ impl Kvm {
     pub fn open_path(path: &'static str) -> Result<Self> {
         let cpath = std::ffi::CString::new(path)
             .map_err(|_| HypervisorError::InvalidArgument(format!("path {path:?} has a NUL")))?;
-        let kvm = kvm_ioctls::Kvm::new_with_path(&cpath).map_err(|e| open_error(path, e.errno()))?;
+        let kvm =
+            kvm_ioctls::Kvm::new_with_path(&cpath).map_err(|e| open_error(path, e.errno()))?;
         if kvm.get_api_version() != 12 {
             return Err(HypervisorError::MissingCapability("KVM API version 12"));
         }

@@ -36,7 +36,6 @@ impl KvmVcpu {
             thread: None,
         }
     }
-
 }
 
 impl Drop for KvmVcpu {
@@ -106,7 +105,9 @@ impl Vcpu for KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // SAFETY: `run_area` is this vCPU's live kvm_run mapping and no reference
                 // into it is held on this path. Re-arm for the next kick.
-                unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run_area).immediate_exit), 0) };
+                unsafe {
+                    std::ptr::write_volatile(std::ptr::addr_of_mut!((*run_area).immediate_exit), 0)
+                };
                 Ok(VmExit::Interrupted)
             }
             Err(e) => Err(err("KVM_RUN")(e)),

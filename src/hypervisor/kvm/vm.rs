@@ -62,8 +62,7 @@ impl Vm for KvmVm {
         };
         // SAFETY: the caller guarantees the host range stays valid while mapped (this
         // function's contract).
-        unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(err("KVM_SET_USER_MEMORY_REGION"))
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(err("KVM_SET_USER_MEMORY_REGION"))
     }
 
     fn unmap_memory(&self, r: MemoryRegion) -> Result<()> {
@@ -84,7 +83,9 @@ impl Vm for KvmVm {
     }
 
     fn create_irqchip(&self) -> Result<()> {
-        self.fd.create_irq_chip().map_err(err("KVM_CREATE_IRQCHIP"))?;
+        self.fd
+            .create_irq_chip()
+            .map_err(err("KVM_CREATE_IRQCHIP"))?;
         // The PIT drives Linux's early timer calibration; the dummy speaker port keeps port
         // 0x61 inside the kernel.
         let pit = kvm_pit_config {
