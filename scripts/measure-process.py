@@ -70,7 +70,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--mem", type=int, default=128)
-    ap.add_argument("--guest", default="hello")
+    ap.add_argument("--guest", default="hello_min")
     a = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "boot_alpine"],

@@ -33,6 +33,18 @@ fn elf_guest_prints_and_resets() {
 }
 
 #[test]
+fn minimal_guest_prints_with_rep_outsb_and_resets() {
+    let _g = serial();
+    if !can_run() {
+        return;
+    }
+    let (b, console, _) = builder("hello_min");
+    let vm = b.start().expect("start");
+    assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
+    assert_eq!(console.text(), guests::HELLO_OUTPUT);
+}
+
+#[test]
 fn pvh_guest_prints_and_resets() {
     let _g = serial();
     if !can_run() {

@@ -442,7 +442,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 pub(crate) mod tests {
     use super::*;
     use std::path::PathBuf;
-    use vm_memory::Bytes;
+    use vm_memory::GuestAddress;
 
     /// A unique temporary file with `data`, removed on drop.
     pub(crate) struct TempFile(pub PathBuf);
@@ -614,6 +614,7 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")] // linux-loader loads x86 images on x86 only
     fn loads_tiny_elf() {
         let code: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
         let elf = make_elf(0x200000, 0x200010, &code, None);
@@ -629,6 +630,7 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")] // linux-loader loads x86 images on x86 only
     fn loads_pvh_elf() {
         let mut notes = note(b"GNU\0", 3, &[1, 2, 3, 4, 5, 6, 7, 8]);
         notes.extend(note(b"Xen\0", 6, b"linux\0"));
@@ -668,6 +670,7 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")] // linux-loader loads x86 images on x86 only
     fn loads_fake_bzimage() {
         let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
         let bz = make_bzimage(&payload);

@@ -226,6 +226,24 @@ impl VmHandle {
         Ok(InterruptLine::new(&vm, gsi)?)
     }
 
+    /// The VM at the hypervisor layer, for what the handle does not wrap (MSIs, ioeventfds).
+    /// Holding it keeps the VM's kernel objects alive after the VM stops.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] after the VM exited and its resources were released.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use smolvm::hypervisor::Msi;
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").start()?;
+    /// // Vector 0x40, fixed delivery, to APIC id 0.
+    /// vm.vm()?.signal_msi(Msi { address: 0xfee0_0000, data: 0x40, devid: None })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn vm(&self) -> Result<Arc<dyn Vm>> {
+        self.with_resources("access the VM", |r| r.vm.clone())
+    }
+
     /// The guest's memory, for inspection or for devices the caller runs itself.
     ///
     /// # Errors

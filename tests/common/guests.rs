@@ -26,6 +26,7 @@ use std::sync::{Mutex, OnceLock};
 /// Every guest in `guest/tiny/`, by the name [`guest`] takes.
 pub const GUESTS: &[&str] = &[
     "hello",
+    "hello_min",
     "hello_pvh",
     "poweroff",
     "halt",
