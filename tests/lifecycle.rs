@@ -255,3 +255,49 @@ fn stop_leaves_no_threads_or_fds() {
     assert_eq!(harness::threads(), threads);
     assert_eq!(harness::open_fds(), fds);
 }
+
+#[test]
+fn memory_above_the_mmio_gap() {
+    let _g = serial();
+    if !can_run() {
+        return;
+    }
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    // 4 GiB + 64 MiB: 3 GiB below the gap, the rest above 4 GiB. Reserved lazily, so cheap.
+    let (b, console, _) = builder("hello");
+    let vm = b.memory_mib(4096 + 64).start().expect("start");
+    let mem = vm.memory().expect("memory");
+    let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    assert_eq!(
+        regions,
+        vec![(0, 0xc000_0000), (0x1_0000_0000, (1 << 30) + (64 << 20))]
+    );
+    // The zero page's e820 map (boot_params.e820_entries at 0x1e8, table at 0x2d0) must
+    // describe the high RAM and nothing in the gap.
+    let zero_page = 0x7000u64;
+    let n: u8 = mem.read_obj(GuestAddress(zero_page + 0x1e8)).unwrap();
+    let entries: Vec<(u64, u64, u32)> = (0..u64::from(n))
+        .map(|i| {
+            let at = GuestAddress(zero_page + 0x2d0 + i * 20);
+            let addr: u64 = mem.read_obj(at).unwrap();
+            let size: u64 = mem.read_obj(GuestAddress(at.0 + 8)).unwrap();
+            let kind: u32 = mem.read_obj(GuestAddress(at.0 + 16)).unwrap();
+            (addr, size, kind)
+        })
+        .collect();
+    assert!(
+        entries.contains(&(0x1_0000_0000, (1 << 30) + (64 << 20), 1)),
+        "{entries:x?}"
+    );
+    for (addr, size, kind) in &entries {
+        if *kind == 1 {
+            assert!(
+                addr + size <= 0xc000_0000 || *addr >= 0x1_0000_0000,
+                "RAM in the MMIO gap: {entries:x?}"
+            );
+        }
+    }
+    drop(mem);
+    assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
+    assert_eq!(console.text(), guests::HELLO_OUTPUT);
+}
