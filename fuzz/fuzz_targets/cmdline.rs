@@ -29,7 +29,7 @@ fn plain_key(k: &str) -> bool {
 
 /// Whether `w` parses back as exactly itself (balanced quotes, no bare whitespace).
 fn one_word(w: &str) -> bool {
-    w.chars().filter(|&c| c == '"').count() % 2 == 0 && KernelCmdline::parse(w).args() == [w]
+    w.chars().filter(|&c| c == '"').count() & 1 == 0 && KernelCmdline::parse(w).args() == [w]
 }
 
 /// Whether outside double quotes the line has no leading or trailing whitespace and only
@@ -54,10 +54,17 @@ fn check(c: &KernelCmdline, fresh: bool) {
     let back = KernelCmdline::parse(&shown);
     assert_eq!(shown.parse::<KernelCmdline>().unwrap(), back, "FromStr");
     if fresh {
-        assert!(canonical(&shown), "parse gave a non-canonical line {shown:?}");
+        assert!(
+            canonical(&shown),
+            "parse gave a non-canonical line {shown:?}"
+        );
     }
     if canonical(&shown) {
-        assert_eq!(back.to_string(), shown, "display is not a fixed point of parse");
+        assert_eq!(
+            back.to_string(),
+            shown,
+            "display is not a fixed point of parse"
+        );
     }
     let words_ok = c.args().iter().all(|w| one_word(w))
         && c.init_args().iter().all(|w| w == "--" || one_word(w));
@@ -82,7 +89,10 @@ fuzz_target!(|data: &[u8]| {
     for edit in pieces.take(32) {
         let mut chars = edit.chars();
         let op = chars.next().unwrap_or('g');
-        let (key, value) = chars.as_str().split_once('\x02').unwrap_or((chars.as_str(), ""));
+        let (key, value) = chars
+            .as_str()
+            .split_once('\x02')
+            .unwrap_or((chars.as_str(), ""));
         match op {
             's' => {
                 let init = c.init_args().to_vec();

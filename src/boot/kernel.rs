@@ -61,6 +61,9 @@ const MAX_NOTE_SEGMENT: u64 = 1 << 20;
 /// Offset of the bzImage setup header and of its `HdrS` magic.
 const SETUP_HEADER_OFFSET: usize = 0x1f1;
 const HDRS_OFFSET: usize = 0x202;
+/// Bytes of a bzImage up to and including `loadflags` (offset 0x211), which the header checks
+/// read.
+const BZIMAGE_MIN_HEADER: usize = 0x212;
 /// Offset of the 64-bit entry point from the protected-mode kernel's load address.
 #[cfg(target_arch = "x86_64")]
 const BZIMAGE_ENTRY_64_OFFSET: u64 = 0x200;
@@ -349,6 +352,14 @@ fn find_pvh_entry(notes: &[u8]) -> Result<Option<u64>, String> {
 
 /// Validates the bzImage setup header (everything linux-loader would reject, with reasons).
 fn check_bzimage(head: &[u8], file_len: u64) -> Result<BzInfo, String> {
+    // Everything up to `loadflags`, the last field read unconditionally (a file can end right
+    // after the magic).
+    if head.len() < BZIMAGE_MIN_HEADER {
+        return Err(format!(
+            "truncated bzImage setup header ({} bytes, at least {BZIMAGE_MIN_HEADER:#x} needed)",
+            head.len()
+        ));
+    }
     let hdr = &head[SETUP_HEADER_OFFSET..];
     let version = le16(head, 0x206);
     let loadflags = head[0x211];
@@ -616,6 +627,7 @@ pub(crate) mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")] // linux-loader loads x86 images on x86 only
     fn loads_tiny_elf() {
+        use vm_memory::Bytes;
         let code: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
         let elf = make_elf(0x200000, 0x200010, &code, None);
         let (r, m) = load(&elf, 16 << 20);
@@ -672,6 +684,7 @@ pub(crate) mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")] // linux-loader loads x86 images on x86 only
     fn loads_fake_bzimage() {
+        use vm_memory::Bytes;
         let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
         let bz = make_bzimage(&payload);
         let (r, m) = load(&bz, 16 << 20);
@@ -684,6 +697,16 @@ pub(crate) mod tests {
         let mut back = vec![0u8; payload.len()];
         m.read_slice(&mut back, GuestAddress(HIMEM_START)).unwrap();
         assert_eq!(back, payload);
+    }
+
+    #[test]
+    fn bzimage_cut_after_the_magic_is_format_error() {
+        // Found by fuzz/kernel_loader: the header checks read past a short file's end.
+        let bz = make_bzimage(&[0; 64]);
+        for len in [HDRS_OFFSET + 4, HDRS_OFFSET + 5, BZIMAGE_MIN_HEADER - 1] {
+            let d = format_detail(load(&bz[..len], 16 << 20).0);
+            assert!(d.contains("truncated bzImage setup header"), "{len}: {d}");
+        }
     }
 
     #[test]
