@@ -16,7 +16,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
-use smolvm::hypervisor::{self, CpuConfig, MemoryRegion, Vm, VmExit};
+use smolvm::hypervisor::{self, CpuConfig, IrqchipMode, MemoryRegion, Vm, VmExit};
 use smolvm::memory::{self, GuestMemory};
 use smolvm::{boot, ExitReason, VmBuilder};
 
@@ -156,7 +156,7 @@ fn phases(c: &mut Criterion) {
                 let mem = guest_memory();
                 let vm = hv.create_vm().unwrap();
                 map(vm.as_ref(), &mem);
-                vm.create_irqchip().unwrap();
+                vm.create_irqchip(IrqchipMode::InKernel).unwrap();
                 let k = boot::load_kernel(&mem, &hello).unwrap();
                 let state = smolvm::arch::x86_64::configure_system(
                     &mem,
@@ -186,7 +186,7 @@ fn phases(c: &mut Criterion) {
             |mem| {
                 let vm = hv.create_vm().unwrap();
                 map(vm.as_ref(), &mem);
-                vm.create_irqchip().unwrap();
+                vm.create_irqchip(IrqchipMode::InKernel).unwrap();
                 let k = boot::load_kernel(&mem, &hello).unwrap();
                 let state = smolvm::arch::x86_64::configure_system(
                     &mem,
@@ -234,6 +234,47 @@ fn phases(c: &mut Criterion) {
             || {
                 let vm = VmBuilder::new()
                     .hypervisor(hv.clone())
+                    .kernel(&spin)
+                    .start()
+                    .unwrap();
+                // Let the guest get going so stop() has to interrupt real guest execution.
+                std::thread::sleep(Duration::from_millis(2));
+                vm
+            },
+            |vm| {
+                assert_eq!(vm.stop(), ExitReason::Stopped);
+                drop(vm);
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // The same two with the split irqchip (LAPIC in the kernel, userspace IOAPIC, no PIC/PIT):
+    // VM teardown skips the in-kernel I/O-bus devices' SRCU grace periods.
+    g.bench_function("lifecycle_tiny_guest_split", |b| {
+        b.iter(|| {
+            let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let o = out.clone();
+            let vm = VmBuilder::new()
+                .hypervisor(hv.clone())
+                .irqchip(IrqchipMode::Split)
+                .kernel(&hello)
+                .console_callback(move |d| o.lock().unwrap().extend_from_slice(d))
+                .start()
+                .unwrap();
+            assert_eq!(vm.wait(), ExitReason::Reset);
+            assert_eq!(
+                out.lock().unwrap().as_slice(),
+                guests::HELLO_OUTPUT.as_bytes()
+            );
+        })
+    });
+
+    g.bench_function("teardown_stop_running_vm_split", |b| {
+        b.iter_batched(
+            || {
+                let vm = VmBuilder::new()
+                    .hypervisor(hv.clone())
+                    .irqchip(IrqchipMode::Split)
                     .kernel(&spin)
                     .start()
                     .unwrap();

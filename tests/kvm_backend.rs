@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{builder, can_run, guests, run_to_exit};
-use smolvm::hypervisor::{self, EventFd, IoEventAddress, MemoryRegion, Msi, Vcpu, Vm, VmExit};
+use smolvm::hypervisor::{
+    self, EventFd, IoEventAddress, IrqchipMode, MemoryRegion, Msi, Vcpu, Vm, VmExit,
+};
 use smolvm::memory::{self, GuestMemory};
 use smolvm::ExitReason;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -45,7 +47,7 @@ fn real_mode(code: &[u8]) -> RealMode {
         vm.map_memory(region(&mem, 0, 0, 0x2000)).unwrap();
         vm.map_memory(region(&mem, 1, 0x2000, 0x1000)).unwrap();
     }
-    vm.create_irqchip().unwrap();
+    vm.create_irqchip(IrqchipMode::InKernel).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let mut s = vcpu.special_regs().unwrap();
     s.cs.base = 0;

@@ -24,7 +24,8 @@ use libfuzzer_sys::fuzz_target;
 use smolvm::devices::legacy::{self, ConsoleSink, PmControl, Serial, I8042};
 use smolvm::devices::{Bus, InterruptLine, PlatformEvent, PlatformEventSink};
 use smolvm::hypervisor::{
-    EventFd, HypervisorError, IoEventAddress, IrqchipOrder, MemoryRegion, Msi, Vcpu, Vm,
+    EventFd, GsiRoute, HypervisorError, IoEventAddress, IrqchipMode, IrqchipOrder, MemoryRegion,
+    Msi, Vcpu, Vm,
 };
 
 /// A VM that only records interrupt-line changes. It has no irqfd, so the UART's
@@ -45,7 +46,7 @@ impl Vm for IrqRecorder {
     fn irqchip_order(&self) -> IrqchipOrder {
         IrqchipOrder::BeforeVcpus
     }
-    fn create_irqchip(&self) -> smolvm::hypervisor::Result<()> {
+    fn create_irqchip(&self, _: IrqchipMode) -> smolvm::hypervisor::Result<()> {
         Ok(())
     }
     fn set_irq_line(&self, gsi: u32, level: bool) -> smolvm::hypervisor::Result<()> {
@@ -55,6 +56,9 @@ impl Vm for IrqRecorder {
         Ok(())
     }
     fn signal_msi(&self, _: Msi) -> smolvm::hypervisor::Result<()> {
+        Err(HypervisorError::Unsupported("fuzzing"))
+    }
+    fn set_gsi_routing(&self, _: &[GsiRoute]) -> smolvm::hypervisor::Result<()> {
         Err(HypervisorError::Unsupported("fuzzing"))
     }
     fn register_irqfd(&self, _: &EventFd, _: u32) -> smolvm::hypervisor::Result<()> {

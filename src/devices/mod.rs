@@ -3,7 +3,8 @@
 //! - [`bus`]: address ranges → devices, shared by port I/O and MMIO.
 //! - [`irq`]: an interrupt line a device raises (irqfd where the backend has it).
 //! - [`legacy`]: the PC devices a microVM keeps: 16550 serial console, i8042 (reset only)
-//!   and the ACPI power-management control register (power-off).
+//!   and the ACPI power-management control register (power-off); and, for the split irqchip,
+//!   a userspace IOAPIC.
 
 pub mod bus;
 pub mod irq;

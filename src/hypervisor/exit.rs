@@ -45,6 +45,15 @@ pub enum VmExit<'a> {
     /// The vCPU halted and the backend handed the wait to the VMM (KVM without an in-kernel
     /// LAPIC). Backends that wait in the kernel (KVM with irqchip, HVF) never return it.
     Halt,
+    /// x86 split irqchip ([`IrqchipMode::Split`](super::IrqchipMode::Split)): the guest
+    /// signalled end-of-interrupt to its LAPIC for `vector`, which a level-triggered route of
+    /// the userspace IOAPIC delivered. Hand it to the IOAPIC
+    /// ([`Ioapic::end_of_interrupt`](crate::devices::legacy::Ioapic::end_of_interrupt)) so it
+    /// clears remote IRR and re-delivers a still-asserted line. Never returned otherwise.
+    IoapicEoi {
+        /// The vector the guest acknowledged.
+        vector: u8,
+    },
     /// x86 triple fault (KVM_EXIT_SHUTDOWN): the guest cannot continue.
     Shutdown,
     /// The guest asked the platform to power off (PSCI SYSTEM_OFF, KVM system event).

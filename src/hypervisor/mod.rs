@@ -11,8 +11,10 @@
 //! |---|---|---|---|
 //! | [`Hypervisor`] | an open `/dev/kvm` | an open `/dev/kvm` | the process (one VM per process) |
 //! | [`Vm`] | `KVM_CREATE_VM` fd | `KVM_CREATE_VM` fd (IPA size from `KVM_CAP_ARM_VM_IPA_SIZE`) | `hv_vm_create` |
-//! | [`Vm::create_irqchip`] | PIC + IOAPIC + LAPIC + PIT, **before** vCPUs | GICv3 via `KVM_CREATE_DEVICE`, **after** all vCPUs | `hv_gic_create`, **before** vCPUs |
-//! | [`Vm::set_irq_line`] | GSI number (ISA IRQ 0-15, IOAPIC pin) | `KVM_IRQ_LINE` with an encoded SPI (INTID − 32) | `hv_gic_set_spi` with the absolute INTID |
+//! | [`Vm::create_irqchip`] | [`IrqchipMode::InKernel`]: PIC + IOAPIC + LAPIC + PIT; [`IrqchipMode::Split`]: `KVM_CAP_SPLIT_IRQCHIP` (LAPIC only; the VMM emulates the IOAPIC); **before** vCPUs | GICv3 via `KVM_CREATE_DEVICE`, **after** all vCPUs (mode ignored) | `hv_gic_create`, **before** vCPUs (mode ignored) |
+//! | [`Vm::set_irq_line`] | GSI number (ISA IRQ 0-15, IOAPIC pin); in split mode a raise fires the GSI's route | `KVM_IRQ_LINE` with an encoded SPI (INTID − 32) | `hv_gic_set_spi` with the absolute INTID |
+//! | [`Vm::set_gsi_routing`] | `KVM_SET_GSI_ROUTING` (MSI routes) | `KVM_SET_GSI_ROUTING` (MSI routes; irqchip routes later) | unsupported |
+//! | [`VmExit::IoapicEoi`] | `KVM_EXIT_IOAPIC_EOI`, split mode only | never | never |
 //! | [`Vcpu`] | vCPU fd, may move between threads | vCPU fd | `hv_vcpu_create`: bound to the creating thread |
 //! | MMIO decoding | KVM decodes, gives address + data | KVM decodes when ESR.ISV=1 | the backend decodes the ESR (data abort syndrome) |
 //! | [`VmExit::Halt`] | only without an in-kernel LAPIC | never (WFI handled in kernel) | WFI/WFE trap: the backend waits for the vtimer/IRQ itself |
@@ -91,6 +93,72 @@ pub enum IrqchipOrder {
     AfterVcpus,
 }
 
+/// Which parts of the x86 interrupt controller the hypervisor emulates.
+///
+/// Backends without that choice ignore it: on arm64 (KVM and Hypervisor.framework) the GIC
+/// is always emulated by the hypervisor, and both modes mean the same thing there.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::IrqchipMode;
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// vm.create_irqchip(IrqchipMode::Split)?;
+/// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum IrqchipMode {
+    /// The default: the 8259 PIC pair, the IOAPIC, the LAPICs and the 8254 PIT all live in the
+    /// kernel (KVM `KVM_CREATE_IRQCHIP` + `KVM_CREATE_PIT2`), as under Firecracker. Every guest
+    /// that expects a PC works, including ones that calibrate against the PIT. Destroying such
+    /// a VM is slow on KVM (each in-kernel I/O-bus device costs an SRCU grace period: 15-25 ms
+    /// measured).
+    #[default]
+    InKernel,
+    /// Only the LAPICs live in the kernel (KVM `KVM_CAP_SPLIT_IRQCHIP`); the VMM emulates the
+    /// IOAPIC ([`crate::devices::legacy::Ioapic`]) and routes its pins as MSIs through
+    /// [`Vm::set_gsi_routing`]. There is no PIC and no PIT. Linux boots like this under
+    /// cloud-hypervisor (kvm-clock and the TSC-deadline LAPIC timer). VM teardown is about
+    /// 100 times faster and start-up skips the PIT.
+    Split,
+}
+
+/// Where a GSI's interrupt goes: the target of one [`GsiRoute`].
+///
+/// Non-exhaustive so arm64 irqchip routes (GIC SPIs) can be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GsiTarget {
+    /// Raising the GSI sends this message-signalled interrupt.
+    Msi(Msi),
+}
+
+/// One entry of a VM's GSI routing table ([`Vm::set_gsi_routing`]): plain data.
+///
+/// # Example
+/// ```
+/// use smolvm::hypervisor::{GsiRoute, GsiTarget, Msi};
+/// let r = GsiRoute::msi(10, Msi { address: 0xfee0_0000, data: 0x40, devid: None });
+/// assert_eq!(r.gsi, 10);
+/// assert!(matches!(r.target, GsiTarget::Msi(m) if m.data == 0x40));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GsiRoute {
+    /// The global system interrupt number (x86: the IOAPIC pin for pins 0-23).
+    pub gsi: u32,
+    /// What raising it does.
+    pub target: GsiTarget,
+}
+
+impl GsiRoute {
+    /// A route that turns GSI `gsi` into `msi`.
+    pub fn msi(gsi: u32, msi: Msi) -> Self {
+        GsiRoute {
+            gsi,
+            target: GsiTarget::Msi(msi),
+        }
+    }
+}
+
 /// One range of host memory that backs a range of guest physical memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryRegion {
@@ -146,9 +214,16 @@ pub trait Vm: Send + Sync {
     /// Whether [`Vm::create_irqchip`] must run before or after the vCPUs are created.
     fn irqchip_order(&self) -> IrqchipOrder;
 
-    /// Creates the in-kernel interrupt controller (and on x86 the PIT) with its default routing:
-    /// GSIs 0-15 are the ISA IRQs on the PIC and IOAPIC, 16-23 the remaining IOAPIC pins.
-    fn create_irqchip(&self) -> Result<()>;
+    /// Creates the in-kernel interrupt controller.
+    ///
+    /// x86 KVM, [`IrqchipMode::InKernel`]: PIC + IOAPIC + LAPIC + PIT with the default routing
+    /// (GSIs 0-15 are the ISA IRQs on the PIC and IOAPIC, 16-23 the remaining IOAPIC pins).
+    /// [`IrqchipMode::Split`]: only the LAPICs, with
+    /// [`IOAPIC_PINS`](crate::arch::x86_64::layout::IOAPIC_PINS) GSIs reserved for a userspace
+    /// IOAPIC; the routing table starts empty (fill it with [`Vm::set_gsi_routing`]) and
+    /// guest EOIs of level-triggered routed vectors come back as [`VmExit::IoapicEoi`].
+    /// arm64 KVM and HVF ignore `mode`: the GIC is always in the kernel.
+    fn create_irqchip(&self, mode: IrqchipMode) -> Result<()>;
 
     /// Drives interrupt line `gsi` high or low. An edge-triggered interrupt is a raise then a
     /// lower. On arm64 `gsi` is the SPI number counted from 0 (INTID − 32); the backend adds
@@ -157,6 +232,14 @@ pub trait Vm: Send + Sync {
 
     /// Injects a message-signalled interrupt.
     fn signal_msi(&self, msi: Msi) -> Result<()>;
+
+    /// Replaces the VM's whole GSI routing table with `routes` (GSIs not listed go nowhere).
+    /// Irqfds registered on a GSI follow the change. Returns
+    /// [`HypervisorError::Unsupported`] where the backend has no routing table (HVF).
+    ///
+    /// On x86 KVM this is how a userspace IOAPIC ([`IrqchipMode::Split`]) connects its pins:
+    /// it owns GSIs 0-23 and pushes its table whenever the guest reprograms a pin.
+    fn set_gsi_routing(&self, routes: &[GsiRoute]) -> Result<()>;
 
     /// Makes every write to `fd` pulse interrupt line `gsi`, without an ioctl per interrupt.
     /// Returns [`HypervisorError::Unsupported`] where the backend has no irqfd (HVF).

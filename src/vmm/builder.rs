@@ -11,13 +11,13 @@ use super::handle::{Resources, VmHandle};
 use super::vcpu_thread::{self, Startup, VcpuContext};
 use super::ExitReason;
 use crate::arch::x86_64::layout;
-use crate::devices::legacy::{self, PmControl, Serial, I8042};
+use crate::devices::legacy::{self, Ioapic, PmControl, Serial, I8042};
 use crate::devices::{Bus, InterruptLine, PlatformEvent, PlatformEventSink};
 #[cfg(target_arch = "x86_64")]
 use crate::hypervisor::arch::x86_64::BootState;
 #[cfg(not(target_arch = "x86_64"))]
 use crate::hypervisor::HypervisorError;
-use crate::hypervisor::{self, Hypervisor, IrqchipOrder, MemoryRegion, Vm};
+use crate::hypervisor::{self, Hypervisor, IrqchipMode, IrqchipOrder, MemoryRegion, Vm};
 use crate::memory::{self, GuestMemory};
 use crate::{Error, Result};
 
@@ -107,7 +107,7 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
 
     let order = vm.irqchip_order();
     if order == IrqchipOrder::BeforeVcpus {
-        vm.create_irqchip()?;
+        vm.create_irqchip(cfg.irqchip)?;
     }
 
     let control = Arc::new(Control::new(cfg.vcpus));
@@ -142,6 +142,16 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
         pio.insert(d.base, d.len, d.device)?;
     }
     let mut mmio = Bus::new("mmio");
+    // Split irqchip: the IOAPIC is ours (x86; other architectures' GIC stays in the kernel).
+    let ioapic = (cfg!(target_arch = "x86_64") && cfg.irqchip == IrqchipMode::Split)
+        .then(|| Arc::new(Mutex::new(Ioapic::new(vm.clone()))));
+    if let Some(ioapic) = &ioapic {
+        mmio.insert(
+            layout::IOAPIC_START,
+            legacy::ioapic::IOAPIC_MMIO_SIZE,
+            ioapic.clone(),
+        )?;
+    }
     for d in cfg.mmio_devices.drain(..) {
         check_not_ram(&memory, d.base, d.len)?;
         mmio.insert(d.base, d.len, d.device)?;
@@ -162,6 +172,7 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
             boot: (id == 0).then_some(boot_state),
             pio: pio.clone(),
             mmio: mmio.clone(),
+            ioapic: ioapic.clone(),
             control: control.clone(),
         };
         match vcpu_thread::spawn(ctx, startup.clone()) {
@@ -184,7 +195,7 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
         }
     }
     if first_error.is_none() && order == IrqchipOrder::AfterVcpus {
-        if let Err(e) = vm.create_irqchip() {
+        if let Err(e) = vm.create_irqchip(cfg.irqchip) {
             first_error = Some(e.into());
         }
     }
@@ -201,7 +212,12 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
     Ok(VmHandle {
         control,
         threads: Mutex::new(threads),
-        resources: Mutex::new(Some(Resources { vm, memory, serial })),
+        resources: Mutex::new(Some(Resources {
+            vm,
+            memory,
+            serial,
+            ioapic,
+        })),
         halt_probe: cfg.halt_probe,
     })
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::control::Control;
 use super::ExitReason;
-use crate::devices::legacy::Serial;
+use crate::devices::legacy::{Ioapic, Serial};
 use crate::devices::InterruptLine;
 use crate::hypervisor::Vm;
 use crate::memory::GuestMemory;
@@ -28,6 +28,8 @@ pub(super) struct Resources {
     pub vm: Arc<dyn Vm>,
     pub memory: GuestMemory,
     pub serial: Arc<Mutex<Serial>>,
+    /// The userspace IOAPIC ([`IrqchipMode::Split`](crate::hypervisor::IrqchipMode::Split)).
+    pub ioapic: Option<Arc<Mutex<Ioapic>>>,
 }
 
 /// A running VM, returned by [`VmBuilder::start`](super::VmBuilder::start).
@@ -242,6 +244,27 @@ impl VmHandle {
     /// ```
     pub fn vm(&self) -> Result<Arc<dyn Vm>> {
         self.with_resources("access the VM", |r| r.vm.clone())
+    }
+
+    /// The userspace IOAPIC of a VM started with
+    /// [`IrqchipMode::Split`](crate::hypervisor::IrqchipMode::Split) (`None` with the in-kernel
+    /// irqchip), for level-triggered devices the caller runs itself
+    /// ([`Ioapic::set_line`]) and for inspecting the guest's redirection table.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] after the VM exited and its resources were released.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use smolvm::hypervisor::IrqchipMode;
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").irqchip(IrqchipMode::Split).start()?;
+    /// if let Some(ioapic) = vm.ioapic()? {
+    ///     ioapic.lock().unwrap().set_line(11, true)?; // a level-triggered device asserts pin 11
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn ioapic(&self) -> Result<Option<Arc<Mutex<Ioapic>>>> {
+        self.with_resources("access the IOAPIC", |r| r.ioapic.clone())
     }
 
     /// The guest's memory, for inspection or for devices the caller runs itself.

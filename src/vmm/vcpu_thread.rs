@@ -6,6 +6,7 @@ use std::thread::JoinHandle;
 
 use super::control::Control;
 use super::ExitReason;
+use crate::devices::legacy::Ioapic;
 use crate::devices::Bus;
 use crate::hypervisor::{CpuConfig, HypervisorError, Vcpu, VcpuKick, Vm, VmExit};
 
@@ -21,6 +22,8 @@ pub(super) struct VcpuContext {
     pub boot: Option<BootState>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
+    /// The userspace IOAPIC in split-irqchip mode; `None` with the in-kernel irqchip.
+    pub ioapic: Option<Arc<Mutex<Ioapic>>>,
     pub control: Arc<Control>,
 }
 
@@ -177,6 +180,17 @@ fn run_loop(mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
                 continue;
             }
             VmExit::Interrupted => continue,
+            VmExit::IoapicEoi { vector } => {
+                // Only the split irqchip exits for EOIs; with the in-kernel one there is
+                // nothing to do.
+                if let Some(ioapic) = &ctx.ioapic {
+                    let mut ioapic = ioapic.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Err(e) = ioapic.end_of_interrupt(vector) {
+                        log::error!("IOAPIC EOI of vector {vector:#x}: {e}");
+                    }
+                }
+                continue;
+            }
             VmExit::Halt => {
                 // Only backends without an in-kernel interrupt controller get here: a final
                 // halt ends a single-vCPU VM; otherwise wait for the next interrupt to be

@@ -1,10 +1,12 @@
 //! The PC legacy devices a microVM keeps, at their traditional x86 ports.
 
 pub mod i8042;
+pub mod ioapic;
 pub mod pm_control;
 pub mod serial;
 
 pub use i8042::I8042;
+pub use ioapic::Ioapic;
 pub use pm_control::PmControl;
 pub use serial::{ConsoleSink, Serial};
 

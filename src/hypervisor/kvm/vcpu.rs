@@ -139,6 +139,7 @@ fn translate<'a>(exit: VcpuExit<'a>, run: *mut kvm_run) -> VmExit<'a> {
         VcpuExit::MmioWrite(addr, data) => VmExit::MmioWrite { addr, data },
         VcpuExit::Hlt => VmExit::Halt,
         VcpuExit::Shutdown => VmExit::Shutdown,
+        VcpuExit::IoapicEoi(vector) => VmExit::IoapicEoi { vector },
         VcpuExit::Intr => VmExit::Interrupted,
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,

@@ -1,14 +1,17 @@
 //! [`Vm`] on KVM.
 
-use kvm_bindings::{kvm_enable_cap, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, CpuId};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, kvm_pit_config, kvm_userspace_memory_region,
+    CpuId, KvmIrqRouting,
+};
 use kvm_ioctls::{Cap, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{err, vcpu::KvmVcpu};
 use crate::arch::x86_64::layout;
 use crate::hypervisor::{
-    Capabilities, HypervisorError, IoEventAddress, IrqchipOrder, MemoryRegion, Msi, Result, Vcpu,
-    Vm,
+    Capabilities, GsiRoute, GsiTarget, HypervisorError, IoEventAddress, IrqchipMode, IrqchipOrder,
+    MemoryRegion, Msi, Result, Vcpu, Vm,
 };
 
 /// A KVM virtual machine.
@@ -82,17 +85,40 @@ impl Vm for KvmVm {
         IrqchipOrder::BeforeVcpus
     }
 
-    fn create_irqchip(&self) -> Result<()> {
-        self.fd
-            .create_irq_chip()
-            .map_err(err("KVM_CREATE_IRQCHIP"))?;
-        // The PIT drives Linux's early timer calibration; the dummy speaker port keeps port
-        // 0x61 inside the kernel.
-        let pit = kvm_pit_config {
-            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        self.fd.create_pit2(pit).map_err(err("KVM_CREATE_PIT2"))
+    fn create_irqchip(&self, mode: IrqchipMode) -> Result<()> {
+        match mode {
+            IrqchipMode::InKernel => {
+                self.fd
+                    .create_irq_chip()
+                    .map_err(err("KVM_CREATE_IRQCHIP"))?;
+                // The PIT drives Linux's early timer calibration; the dummy speaker port keeps
+                // port 0x61 inside the kernel.
+                let pit = kvm_pit_config {
+                    flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                    ..Default::default()
+                };
+                self.fd.create_pit2(pit).map_err(err("KVM_CREATE_PIT2"))
+            }
+            IrqchipMode::Split => {
+                if self
+                    .fd
+                    .check_extension_raw(kvm_bindings::KVM_CAP_SPLIT_IRQCHIP.into())
+                    <= 0
+                {
+                    return Err(HypervisorError::MissingCapability("KVM_CAP_SPLIT_IRQCHIP"));
+                }
+                // args[0]: how many GSIs (from 0) the userspace IOAPIC owns; KVM watches EOIs
+                // of level-triggered MSI routes among them and exits with KVM_EXIT_IOAPIC_EOI.
+                let cap = kvm_enable_cap {
+                    cap: kvm_bindings::KVM_CAP_SPLIT_IRQCHIP,
+                    args: [u64::from(layout::IOAPIC_PINS), 0, 0, 0],
+                    ..Default::default()
+                };
+                self.fd
+                    .enable_cap(&cap)
+                    .map_err(err("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))
+            }
+        }
     }
 
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
@@ -119,6 +145,19 @@ impl Vm for KvmVm {
         };
         self.fd.signal_msi(m).map_err(err("KVM_SIGNAL_MSI"))?;
         Ok(())
+    }
+
+    fn set_gsi_routing(&self, routes: &[GsiRoute]) -> Result<()> {
+        let entries: Vec<kvm_irq_routing_entry> = routes.iter().map(routing_entry).collect();
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| {
+            HypervisorError::InvalidArgument(format!(
+                "{} GSI routes: more than KVM_MAX_IRQ_ROUTES",
+                routes.len()
+            ))
+        })?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(err("KVM_SET_GSI_ROUTING"))
     }
 
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
@@ -178,6 +217,26 @@ impl Vm for KvmVm {
             .map_err(err("KVM_CREATE_VCPU"))?;
         Ok(Box::new(KvmVcpu::new(fd, id, self.cpuid.clone())))
     }
+}
+
+fn routing_entry(route: &GsiRoute) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi: route.gsi,
+        ..Default::default()
+    };
+    match route.target {
+        GsiTarget::Msi(msi) => {
+            e.type_ = kvm_bindings::KVM_IRQ_ROUTING_MSI;
+            e.u.msi.address_lo = msi.address as u32;
+            e.u.msi.address_hi = (msi.address >> 32) as u32;
+            e.u.msi.data = msi.data;
+            if let Some(devid) = msi.devid {
+                e.flags = kvm_bindings::KVM_MSI_VALID_DEVID;
+                e.u.msi.__bindgen_anon_1.devid = devid;
+            }
+        }
+    }
+    e
 }
 
 fn kvm_addr(addr: IoEventAddress) -> kvm_ioctls::IoEventAddress {
