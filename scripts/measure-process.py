@@ -71,6 +71,7 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--mem", type=int, default=128)
     ap.add_argument("--guest", default="hello_min")
+    ap.add_argument("--irqchip", default="in-kernel", choices=["in-kernel", "split"])
     a = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "boot_alpine"],
@@ -83,7 +84,8 @@ def main():
             f.write(LAUNCHER_C)
         subprocess.run(["gcc", "-O2", "-static", "-o", launcher, launcher + ".c"], check=True)
         out_file = os.path.join(tmp, "out")
-        argv = [launcher, out_file, binary, "--kernel", guest, "--mem", str(a.mem)]
+        argv = [launcher, out_file, binary, "--kernel", guest, "--mem", str(a.mem),
+                "--irqchip", a.irqchip]
         env = dict(os.environ, SMOLVM_LOG="off")
         walls, cpus, rss = [], [], []
         for _ in range(a.runs + 2):
@@ -97,7 +99,7 @@ def main():
             rss.append(maxrss_kib / 1024)
         # The first two runs warm the page cache; report the rest.
         walls, cpus, rss = walls[2:], cpus[2:], rss[2:]
-    print(f"runs={a.runs} guest={a.guest} mem={a.mem}MiB")
+    print(f"runs={a.runs} guest={a.guest} mem={a.mem}MiB irqchip={a.irqchip}")
     print(f"wall  median {statistics.median(walls):.2f} ms (min {min(walls):.2f}, max {max(walls):.2f})")
     print(f"cpu   median {statistics.median(cpus):.2f} ms (user+sys)")
     print(f"rss   max    {max(rss):.2f} MiB (median {statistics.median(rss):.2f})")
