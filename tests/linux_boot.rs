@@ -4,7 +4,8 @@
 //!
 //! - Host: an unmodified Linux kernel cannot run on a software hypervisor such as `kvm_pvm`
 //!   (it emulates guest kernel mode and stops at the first `cmpxchg16b`); there, and where
-//!   `/dev/kvm` is missing, every test prints `SKIPPED: <reason>` to stderr and returns.
+//!   `/dev/kvm` is missing, every test prints `SKIPPED: <test>: <reason>` to stderr (past the
+//!   harness's output capture, so it shows in a plain `cargo test`) and returns.
 //!   With `SMOLVM_REQUIRE_KVM` set, a missing or unusable `/dev/kvm` fails instead.
 //! - Kernel: `$SMOLVM_LINUX_KERNEL` (a bzImage), else `guest/linux/fetch-kernel.sh`
 //!   (downloads Debian's package once and caches it). The vmlinux ELF for the PVH test is
@@ -36,6 +37,16 @@ const INIT_HELLO: &str = "smolvm-init: hello";
 const INIT_CPUS: &str = "smolvm-init: cpus=";
 /// Where the host notes explain why a software hypervisor cannot run Linux.
 const HOST_NOTES: &str = "../shared/notes/host-kvm.md";
+
+/// Like `eprintln!`, but written straight to the process's stderr, which the test harness
+/// does not capture: skips and timings show in a plain `cargo test` run, not only with
+/// `--nocapture`.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 /// One Linux boot at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -72,7 +83,7 @@ fn host_can_run_linux(test: &str) -> bool {
             Ok(_) => return true,
         }
     };
-    eprintln!("SKIPPED: {test}: {reason}");
+    note!("SKIPPED: {test}: {reason}");
     false
 }
 
@@ -135,9 +146,9 @@ fn find_kernels() -> Result<Kernels, String> {
             }
         }
     };
-    eprintln!("linux_boot: bzImage {}", bzimage.display());
+    note!("linux_boot: bzImage {}", bzimage.display());
     if let Ok(v) = &vmlinux {
-        eprintln!("linux_boot: vmlinux {}", v.display());
+        note!("linux_boot: vmlinux {}", v.display());
     }
     Ok(Kernels { bzimage, vmlinux })
 }
@@ -145,7 +156,7 @@ fn find_kernels() -> Result<Kernels, String> {
 /// Runs `guest/linux/fetch-kernel.sh`; its last stdout line is the bzImage path.
 fn fetch_kernel() -> Result<PathBuf, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/linux/fetch-kernel.sh");
-    eprintln!(
+    note!(
         "linux_boot: SMOLVM_LINUX_KERNEL not set; running {}",
         script.display()
     );
@@ -276,8 +287,7 @@ struct Boot {
 impl Boot {
     /// The last `n` console lines, for failure messages.
     fn tail(&self, n: usize) -> String {
-        let lines: Vec<&str> = self.console.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        last_lines(&self.console, n)
     }
 
     fn assert_console_has(&self, needle: &str) {
@@ -305,6 +315,15 @@ impl Boot {
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         digits.parse().ok()
     }
+}
+
+/// The last `n` lines of `console`, or a note that there was no output at all.
+fn last_lines(console: &str, n: usize) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    if lines.is_empty() {
+        return "(no console output at all)".to_string();
+    }
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Boots `kernel` and waits for it to end, with the watchdog; reports the timing on stderr.
@@ -347,11 +366,10 @@ fn boot(
         None => {
             let stopped = vm.stop();
             let text = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
-            let lines: Vec<&str> = text.lines().collect();
             panic!(
                 "{test}: watchdog: Linux still running after {WATCHDOG:?} (stopped: {stopped}); \
                  cmdline `{cmdline}`; last console lines:\n{}",
-                lines[lines.len().saturating_sub(60)..].join("\n")
+                last_lines(&text, 60)
             );
         }
     };
@@ -359,14 +377,14 @@ fn boot(
     let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
     let to_init = *to_init.lock().unwrap();
     match to_init {
-        Some(t) => eprintln!(
+        Some(t) => note!(
             "linux_boot: {test}: start() -> `{INIT_HELLO}` in {:.1} ms; exit `{exit}` after \
              {:.1} ms ({} console bytes)",
             t.as_secs_f64() * 1e3,
             total.as_secs_f64() * 1e3,
             console.len()
         ),
-        None => eprintln!(
+        None => note!(
             "linux_boot: {test}: exit `{exit}` after {:.1} ms ({} console bytes, init line not \
              seen)",
             total.as_secs_f64() * 1e3,
@@ -381,11 +399,14 @@ fn boot(
     }
 }
 
-/// The default fast-boot command line with printk raised to info, so the boot log shows.
+/// The default fast-boot command line with printk raised to info, so the boot log shows,
+/// and the early serial console on, so a boot that dies before the 8250 driver registers
+/// its console (which replays the log) still shows how far it got.
 fn verbose_cmdline() -> KernelCmdline {
     KernelCmdline::default()
         .without("quiet")
         .with("loglevel", "7")
+        .with("earlyprintk", "serial,ttyS0")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,7 +482,7 @@ fn vmlinux_boots_through_pvh_entry() {
     let vmlinux = match &k.vmlinux {
         Ok(v) => v.clone(),
         Err(why) => {
-            eprintln!("SKIPPED: {test}: {why}");
+            note!("SKIPPED: {test}: {why}");
             return;
         }
     };

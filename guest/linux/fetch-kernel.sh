@@ -69,17 +69,20 @@ if command -v flock >/dev/null; then
     flock 9
 fi
 if [ -s "$kernel" ]; then
+    log "fetched meanwhile by another run: $pkg $version"
     echo "$kernel"
     exit 0
 fi
 
 work="$(mktemp -d "$cache_root/.work.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-# apt-get download as root drops to the _apt user, which must be able to write here.
-chmod 0777 "$work"
+# As root, apt-get drops to the _apt user for downloads, which cannot write under a 0700
+# $HOME; download as root instead (apt only warns otherwise, but the warning confuses).
+apt_opts=(-q)
+[ "$(id -u)" = 0 ] && apt_opts+=(-o APT::Sandbox::User=root)
 
 log "downloading $pkg $version"
-(cd "$work" && apt-get download -q "$pkg=$version" >&2) ||
+(cd "$work" && apt-get download "${apt_opts[@]}" "$pkg=$version" >&2) ||
     die "apt-get download $pkg=$version failed (no network or no Debian mirror?)"
 deb="$(ls "$work"/*.deb 2>/dev/null | head -n1)"
 [ -n "$deb" ] || die "apt-get download produced no .deb"
