@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use smolvm::boot::KernelCmdline;
+use smolvm::hypervisor::IrqchipMode;
 use smolvm::{ExitReason, VmBuilder};
 
 /// Longest a boot may take before the test stops the VM and fails.
@@ -333,6 +334,7 @@ fn boot(
     initrd: Option<&Path>,
     cmdline: KernelCmdline,
     vcpus: u32,
+    irqchip: IrqchipMode,
 ) -> Boot {
     let console = Arc::new(Mutex::new(Vec::<u8>::new()));
     let to_init = Arc::new(Mutex::new(None::<Duration>));
@@ -340,6 +342,7 @@ fn boot(
     let mut b = VmBuilder::new()
         .memory_mib(MEMORY_MIB)
         .vcpus(vcpus)
+        .irqchip(irqchip)
         .kernel(kernel)
         .cmdline(cmdline.clone());
     if let Some(i) = initrd {
@@ -423,7 +426,14 @@ fn bzimage_boots_to_init_with_default_cmdline() {
     }
     let (k, initrd) = (kernels(), initramfs());
     let _g = serial();
-    let b = boot(test, &k.bzimage, Some(&initrd), KernelCmdline::default(), 1);
+    let b = boot(
+        test,
+        &k.bzimage,
+        Some(&initrd),
+        KernelCmdline::default(),
+        1,
+        IrqchipMode::InKernel,
+    );
     b.assert_console_has(INIT_HELLO);
     b.assert_reset();
     assert!(b.to_init.is_some_and(|t| t <= b.total));
@@ -440,7 +450,14 @@ fn bzimage_boots_verbose_with_kernel_banner() {
     }
     let (k, initrd) = (kernels(), initramfs());
     let _g = serial();
-    let b = boot(test, &k.bzimage, Some(&initrd), verbose_cmdline(), 1);
+    let b = boot(
+        test,
+        &k.bzimage,
+        Some(&initrd),
+        verbose_cmdline(),
+        1,
+        IrqchipMode::InKernel,
+    );
     b.assert_console_has("Linux version");
     b.assert_console_has(INIT_HELLO);
     b.assert_reset();
@@ -458,7 +475,14 @@ fn two_vcpus_are_online_in_linux() {
     }
     let (k, initrd) = (kernels(), initramfs());
     let _g = serial();
-    let b = boot(test, &k.bzimage, Some(&initrd), KernelCmdline::default(), 2);
+    let b = boot(
+        test,
+        &k.bzimage,
+        Some(&initrd),
+        KernelCmdline::default(),
+        2,
+        IrqchipMode::InKernel,
+    );
     b.assert_console_has(INIT_CPUS);
     assert_eq!(
         b.init_cpus(),
@@ -466,6 +490,31 @@ fn two_vcpus_are_online_in_linux() {
         "init did not see 2 CPUs; last console lines:\n{}",
         b.tail(30)
     );
+    b.assert_reset();
+}
+
+/// In split-irqchip mode (LAPIC in KVM, IOAPIC emulated by smolvm, no PIC or PIT) Linux
+/// boots with 2 vCPUs: its timer comes from kvm-clock and the TSC-deadline LAPIC timer, the
+/// serial interrupt goes through smolvm's IOAPIC, and the VM ends with `Reset`.
+#[test]
+fn split_irqchip_boots_linux_with_two_vcpus() {
+    let test = "split_irqchip_boots_linux_with_two_vcpus";
+    if !host_can_run_linux(test) {
+        return;
+    }
+    let (k, initrd) = (kernels(), initramfs());
+    let _g = serial();
+    let b = boot(
+        test,
+        &k.bzimage,
+        Some(&initrd),
+        verbose_cmdline(),
+        2,
+        IrqchipMode::Split,
+    );
+    b.assert_console_has("Linux version");
+    b.assert_console_has(INIT_HELLO);
+    assert_eq!(b.init_cpus(), Some(2), "{}", b.tail(30));
     b.assert_reset();
 }
 
@@ -488,7 +537,14 @@ fn vmlinux_boots_through_pvh_entry() {
     };
     let initrd = initramfs();
     let _g = serial();
-    let b = boot(test, &vmlinux, Some(&initrd), verbose_cmdline(), 1);
+    let b = boot(
+        test,
+        &vmlinux,
+        Some(&initrd),
+        verbose_cmdline(),
+        1,
+        IrqchipMode::InKernel,
+    );
     b.assert_console_has("Linux version");
     b.assert_console_has(INIT_HELLO);
     b.assert_reset();
@@ -506,7 +562,7 @@ fn kernel_panic_resets_the_vm() {
     let k = kernels();
     let _g = serial();
     let cmdline = KernelCmdline::default().with("rdinit", "/nonexistent");
-    let b = boot(test, &k.bzimage, None, cmdline, 1);
+    let b = boot(test, &k.bzimage, None, cmdline, 1, IrqchipMode::InKernel);
     b.assert_console_has("Kernel panic");
     b.assert_reset();
     assert!(!b.console.contains(INIT_HELLO));
