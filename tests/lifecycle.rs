@@ -301,3 +301,44 @@ fn memory_above_the_mmio_gap() {
     assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
     assert_eq!(console.text(), guests::HELLO_OUTPUT);
 }
+
+#[test]
+fn a_device_can_stop_the_vm_from_its_vcpu_thread() {
+    let _g = serial();
+    if !can_run() {
+        return;
+    }
+    use smolvm::devices::BusDevice;
+    use std::sync::{Arc, OnceLock};
+
+    /// Stops the VM on the guest's first heartbeat, from inside the vCPU's exit handler.
+    struct Stopper(Arc<OnceLock<Arc<smolvm::VmHandle>>>);
+    impl BusDevice for Stopper {
+        fn read(&mut self, _: u64, _: u64, d: &mut [u8]) {
+            d.fill(0)
+        }
+        fn write(&mut self, _: u64, _: u64, _: &[u8]) {
+            if let Some(vm) = self.0.get() {
+                assert_eq!(vm.stop(), ExitReason::Stopped);
+            }
+        }
+    }
+    let slot = Arc::new(OnceLock::new());
+    let vm = Arc::new(
+        smolvm::VmBuilder::new()
+            .memory_mib(64)
+            .kernel(guests::guest("spin"))
+            .pio_device(
+                guests::TEST_PORT,
+                4,
+                Arc::new(Mutex::new(Stopper(slot.clone()))),
+            )
+            .start()
+            .expect("start"),
+    );
+    slot.set(vm.clone()).ok().unwrap();
+    let reason = vm.wait_timeout(harness::WATCHDOG);
+    assert_eq!(reason, Some(ExitReason::Stopped));
+    // Break the handle <-> device cycle so everything is released.
+    drop(vm);
+}

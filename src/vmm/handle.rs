@@ -296,7 +296,14 @@ impl VmHandle {
     /// Joins the vCPU threads and drops the VM's resources. Idempotent.
     fn finish(&self) {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let me = std::thread::current().id();
         for t in threads {
+            if t.thread().id() == me {
+                // Called from a vCPU thread (a device or console callback stopping the VM):
+                // it cannot join itself; it leaves its run loop as soon as this call returns
+                // because the stop flag is set.
+                continue;
+            }
             if t.join().is_err() {
                 log::error!("a vCPU thread panicked");
             }
