@@ -9,6 +9,17 @@ use crate::memory::MemoryError;
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Why building or controlling a VM failed. Each message says what to change.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::{Error, VmBuilder};
+/// match VmBuilder::new().kernel("vmlinux").start() {
+///     Ok(vm) => println!("{}", vm.wait()),
+///     Err(Error::Hypervisor(e)) => eprintln!("host not ready: {e}"),
+///     Err(Error::Boot(e)) => eprintln!("bad kernel or initrd: {e}"),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

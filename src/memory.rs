@@ -6,6 +6,17 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 pub type GuestMemory = GuestMemoryMmap<()>;
 
 /// Errors creating guest memory.
+///
+/// # Example
+/// ```
+/// use smolvm::memory::{create, MemoryError};
+/// use vm_memory::GuestAddress;
+/// let overlapping = [(GuestAddress(0), 0x1000), (GuestAddress(0), 0x1000)];
+/// match create(&overlapping) {
+///     Err(MemoryError::Map { size, .. }) => assert_eq!(size, 0x2000),
+///     Ok(_) => panic!("overlapping regions were accepted"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The host refused the mapping (usually `ulimit -v` or memory overcommit settings).

@@ -54,6 +54,7 @@ pub struct KernelCmdline {
 impl Default for KernelCmdline {
     /// The fast-boot defaults ([`DEFAULT_ARGS`]).
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::{cmdline::DEFAULT_ARGS, KernelCmdline};
     /// assert_eq!(KernelCmdline::default().to_string(), DEFAULT_ARGS);
@@ -66,6 +67,7 @@ impl Default for KernelCmdline {
 impl KernelCmdline {
     /// The fast-boot defaults; same as [`KernelCmdline::default`].
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// assert_eq!(KernelCmdline::new().get("console"), Some("ttyS0"));
@@ -76,6 +78,7 @@ impl KernelCmdline {
 
     /// An empty command line, for callers that want full control.
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// assert_eq!(KernelCmdline::empty().to_string(), "");
@@ -89,6 +92,7 @@ impl KernelCmdline {
 
     /// Parses a command line as written (whitespace separated, `"` quoting, `--` for init).
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// let c = KernelCmdline::parse(r#"root=/dev/vda msg="a b" -- single"#);
@@ -103,6 +107,7 @@ impl KernelCmdline {
 
     /// Appends raw text (one or several words). Words after a `--` go to init.
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// let mut c = KernelCmdline::empty();
@@ -124,6 +129,7 @@ impl KernelCmdline {
     /// and drops any later ones (so the value is unambiguous), or adds `key=value` before the
     /// init arguments. A value containing whitespace is quoted.
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// let mut c = KernelCmdline::parse("console=ttyS0 -- init_arg=1");
@@ -152,6 +158,7 @@ impl KernelCmdline {
 
     /// Removes every kernel parameter `key` or `key=...` (init arguments are left alone).
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// let mut c = KernelCmdline::parse("quiet loglevel=4 console=ttyS0");
@@ -166,6 +173,7 @@ impl KernelCmdline {
     /// The value of kernel parameter `key` (the last one wins, as in the kernel): `Some("")`
     /// for a bare flag, quotes stripped.
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// let c = KernelCmdline::parse("quiet panic=1 panic=5");
@@ -186,6 +194,7 @@ impl KernelCmdline {
 
     /// By-value form of [`append`](Self::append), for one-expression construction.
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// let c = KernelCmdline::empty().with_args("ro").with("root", "/dev/vda");
@@ -198,6 +207,7 @@ impl KernelCmdline {
 
     /// By-value form of [`set`](Self::set).
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// assert_eq!(KernelCmdline::new().with("panic", "0").get("panic"), Some("0"));
@@ -209,6 +219,7 @@ impl KernelCmdline {
 
     /// By-value form of [`remove`](Self::remove).
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// assert_eq!(KernelCmdline::new().without("quiet").get("quiet"), None);
@@ -220,6 +231,7 @@ impl KernelCmdline {
 
     /// The kernel parameters (before `--`), one word each.
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// assert_eq!(KernelCmdline::parse("a b=1 -- c").args(), ["a", "b=1"]);
@@ -230,6 +242,7 @@ impl KernelCmdline {
 
     /// The arguments after `--`, which the kernel passes to init.
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// assert!(KernelCmdline::new().init_args().is_empty());
@@ -242,6 +255,7 @@ impl KernelCmdline {
     /// The NUL-terminated form written into guest memory. Fails if it contains a NUL byte or
     /// is longer than [`CMDLINE_MAX_SIZE`] including the NUL (the kernel would truncate it).
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// let c = KernelCmdline::parse("ro");
@@ -264,6 +278,7 @@ impl KernelCmdline {
 impl fmt::Display for KernelCmdline {
     /// The command line as the kernel reads it: words joined by single spaces.
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// assert_eq!(KernelCmdline::parse("  a   b -- c ").to_string(), "a b -- c");
@@ -290,6 +305,7 @@ impl FromStr for KernelCmdline {
     /// Same as [`KernelCmdline::parse`]; never fails (limits are checked by
     /// [`KernelCmdline::to_cstring`]).
     ///
+    /// # Example
     /// ```
     /// use smolvm::boot::KernelCmdline;
     /// let c: KernelCmdline = "console=hvc0".parse().unwrap();

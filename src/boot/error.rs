@@ -3,6 +3,15 @@
 use std::path::PathBuf;
 
 /// Why a kernel, initrd or command line could not be loaded.
+///
+/// # Example
+/// ```
+/// use smolvm::{arch::x86_64::mptable, boot::BootError};
+/// match mptable::build(0) {
+///     Err(BootError::TooManyVcpus(n)) => assert_eq!(n, 0),
+///     other => panic!("expected TooManyVcpus, got {other:?}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BootError {

@@ -10,6 +10,24 @@ use super::{low_ram_end, BootError, LoadedKernel};
 use crate::memory::GuestMemory;
 
 /// Where the initrd was placed.
+///
+/// # Example
+/// ```
+/// use smolvm::boot::{load_initrd, KernelFormat, LoadedKernel};
+/// let path = std::env::temp_dir().join(format!("smolvm-doc-initrd-{}", std::process::id()));
+/// std::fs::write(&path, [0u8; 5000]).unwrap();
+/// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 64 << 20)]).unwrap();
+/// let kernel = LoadedKernel {
+///     format: KernelFormat::Elf,
+///     entry: 0x100_0000,
+///     end: 0x200_0000,
+///     setup_header: vec![],
+/// };
+/// let initrd = load_initrd(&mem, &path, &kernel).unwrap();
+/// std::fs::remove_file(&path).unwrap();
+/// assert_eq!((initrd.size, initrd.addr % 4096), (5000, 0));
+/// assert!(initrd.addr >= kernel.end && initrd.addr + initrd.size <= 64 << 20);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InitrdRange {
     /// Guest physical address (page aligned).

@@ -19,6 +19,19 @@ use crate::arch::x86_64::layout::HIMEM_START;
 use crate::memory::GuestMemory;
 
 /// Which boot protocol the loaded kernel uses.
+///
+/// # Example
+/// ```
+/// use smolvm::boot::KernelFormat;
+/// /// The register that carries the boot parameters' address at entry.
+/// fn boot_params_register(format: KernelFormat) -> &'static str {
+///     match format {
+///         KernelFormat::Elf | KernelFormat::BzImage => "rsi (zero page)",
+///         KernelFormat::ElfPvh => "rbx (start_info)",
+///     }
+/// }
+/// assert_eq!(boot_params_register(KernelFormat::ElfPvh), "rbx (start_info)");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelFormat {
     /// vmlinux ELF entered in 64-bit mode through the Linux boot protocol (zero page in RSI).
@@ -30,6 +43,16 @@ pub enum KernelFormat {
 }
 
 /// Where the kernel landed in guest memory and how to enter it.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::boot::{load_kernel, KernelFormat};
+/// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 128 << 20)])?;
+/// let kernel = load_kernel(&mem, "vmlinux".as_ref())?;
+/// println!("{:?} kernel: entry {:#x}, ends at {:#x}", kernel.format, kernel.entry, kernel.end);
+/// assert_eq!(kernel.format == KernelFormat::BzImage, !kernel.setup_header.is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedKernel {
     /// Boot protocol.

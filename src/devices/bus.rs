@@ -38,6 +38,19 @@ pub trait BusDevice: Send {
 }
 
 /// Why a device could not be added to a bus.
+///
+/// # Example
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use smolvm::devices::{legacy::PmControl, Bus, BusError};
+/// let pm = Arc::new(Mutex::new(PmControl::new(Arc::new(|_| {}))));
+/// let mut bus = Bus::new("pio");
+/// bus.insert(0x604, 2, pm.clone()).unwrap();
+/// match bus.insert(0x605, 1, pm) {
+///     Err(BusError::Overlap { old_base, .. }) => assert_eq!(old_base, 0x604),
+///     other => panic!("expected an overlap, got {other:?}"),
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
     /// The new range overlaps one already present.

@@ -12,6 +12,18 @@ use crate::hypervisor::{HypervisorError, Vm};
 use crate::hypervisor::EventFd;
 
 /// One guest interrupt line (a GSI) a device can raise.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::devices::InterruptLine;
+/// use smolvm::hypervisor::IrqchipMode;
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// vm.create_irqchip(IrqchipMode::InKernel)?;
+/// let com1 = InterruptLine::new(&vm, 4)?; // an irqfd on KVM
+/// assert_eq!(com1.gsi(), 4);
+/// com1.trigger()?; // one edge on ISA IRQ 4
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct InterruptLine {
     gsi: u32,
     kind: Kind,

@@ -16,6 +16,17 @@ pub use irq::InterruptLine;
 use std::sync::Arc;
 
 /// Platform-level requests devices make on behalf of the guest.
+///
+/// # Example
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use smolvm::devices::{PlatformEvent, PlatformEventSink};
+/// let last = Arc::new(Mutex::new(None));
+/// let l = last.clone();
+/// let sink: PlatformEventSink = Arc::new(move |e| *l.lock().unwrap() = Some(e));
+/// sink(PlatformEvent::PowerOff); // what PmControl does when the guest writes SLP_EN
+/// assert_eq!(*last.lock().unwrap(), Some(PlatformEvent::PowerOff));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlatformEvent {
     /// The guest asked for a reset (i8042 pulse, reset register).

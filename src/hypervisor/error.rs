@@ -4,6 +4,18 @@
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
 /// Why a hypervisor operation failed. Messages say what to do where the host can be fixed.
+///
+/// # Example
+/// ```
+/// use smolvm::hypervisor::{self, HypervisorError};
+/// match hypervisor::open() {
+///     Ok(hv) => println!("using {}", hv.name()),
+///     Err(e @ (HypervisorError::NotFound { .. } | HypervisorError::PermissionDenied { .. })) => {
+///         eprintln!("fix the host first: {e}")
+///     }
+///     Err(e) => eprintln!("no hypervisor: {e}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HypervisorError {
@@ -48,6 +60,15 @@ pub enum HypervisorError {
 
 impl HypervisorError {
     /// Wraps an OS error from backend call `op`.
+    ///
+    /// # Example
+    /// ```
+    /// use smolvm::hypervisor::HypervisorError;
+    /// let os_error = std::io::Error::from_raw_os_error(libc::EEXIST);
+    /// let e = HypervisorError::backend("KVM_CREATE_VCPU", os_error);
+    /// assert!(matches!(&e, HypervisorError::Backend { op: "KVM_CREATE_VCPU", .. }));
+    /// assert!(e.to_string().starts_with("KVM_CREATE_VCPU failed: "));
+    /// ```
     pub fn backend(op: &'static str, source: impl Into<std::io::Error>) -> Self {
         HypervisorError::Backend {
             op,

@@ -6,6 +6,29 @@ use std::fmt;
 ///
 /// Data buffers borrow the backend's exit area: fill `IoIn`/`MmioRead` buffers before the next
 /// `run`, which completes the guest's load.
+///
+/// # Example
+/// ```
+/// use smolvm::devices::Bus;
+/// use smolvm::hypervisor::VmExit;
+/// /// Hands an exit to the port/MMIO buses; `false` when the vCPU cannot go on.
+/// fn dispatch(exit: VmExit<'_>, pio: &Bus, mmio: &Bus) -> bool {
+///     match exit {
+///         VmExit::IoIn { port, data, .. } => pio.read(port.into(), data),
+///         VmExit::IoOut { port, data, .. } => pio.write(port.into(), data),
+///         VmExit::MmioRead { addr, data } => mmio.read(addr, data),
+///         VmExit::MmioWrite { addr, data } => mmio.write(addr, data),
+///         VmExit::Interrupted => true,
+///         _ => return false,
+///     };
+///     true
+/// }
+/// let (pio, mmio) = (Bus::new("pio"), Bus::new("mmio"));
+/// let mut data = [0u8; 1];
+/// assert!(dispatch(VmExit::IoIn { port: 0x80, size: 1, data: &mut data }, &pio, &mmio));
+/// assert_eq!(data, [0xff], "nothing at port 0x80");
+/// assert!(!dispatch(VmExit::Shutdown, &pio, &mmio));
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum VmExit<'a> {
@@ -67,6 +90,21 @@ pub enum VmExit<'a> {
 }
 
 /// What the backend knows about a failure to run the guest.
+///
+/// # Example
+/// ```
+/// use smolvm::hypervisor::ExitFailure;
+/// let f = ExitFailure {
+///     reason: "KVM_EXIT_INTERNAL_ERROR".into(),
+///     suberror: Some(1),
+///     pc: Some(0x1000),
+///     ..Default::default()
+/// };
+/// assert_eq!(
+///     f.to_string(),
+///     "KVM_EXIT_INTERNAL_ERROR (suberror 1: instruction emulation failed) at pc 0x1000"
+/// );
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExitFailure {
     /// The backend's name for the failure (e.g. `KVM_EXIT_INTERNAL_ERROR`).

@@ -42,6 +42,17 @@ use std::sync::Arc;
 pub use vmm_sys_util::eventfd::EventFd;
 
 /// What a hypervisor backend can do on this host, probed once when it is opened.
+///
+/// # Example
+/// ```
+/// use smolvm::hypervisor::Capabilities;
+/// /// Whether an unmodified Linux kernel with `vcpus` CPUs can boot.
+/// fn can_boot_linux(caps: &Capabilities, vcpus: u32) -> bool {
+///     !caps.software_virtualization && vcpus <= caps.max_vcpus
+/// }
+/// let caps = Capabilities { max_vcpus: 255, irqfd: true, ..Default::default() };
+/// assert!(can_boot_linux(&caps, 4));
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
     /// Largest vCPU count one VM may have.
@@ -85,6 +96,22 @@ pub trait Hypervisor: Send + Sync {
 }
 
 /// When the in-kernel interrupt controller must be created relative to the vCPUs.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::{IrqchipMode, IrqchipOrder};
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// let first = vm.irqchip_order() == IrqchipOrder::BeforeVcpus;
+/// if first {
+///     vm.create_irqchip(IrqchipMode::default())?;
+/// }
+/// let vcpu = vm.create_vcpu(0)?;
+/// if !first {
+///     vm.create_irqchip(IrqchipMode::default())?;
+/// }
+/// # drop(vcpu);
+/// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IrqchipOrder {
     /// x86 KVM (the LAPIC is created with each vCPU and needs the irqchip) and HVF.
@@ -125,6 +152,16 @@ pub enum IrqchipMode {
 /// Where a GSI's interrupt goes: the target of one [`GsiRoute`].
 ///
 /// Non-exhaustive so arm64 irqchip routes (GIC SPIs) can be added.
+///
+/// # Example
+/// ```
+/// use smolvm::hypervisor::{GsiRoute, GsiTarget, Msi};
+/// let route = GsiRoute::msi(5, Msi { address: 0xfee0_0000, data: 0x35, devid: None });
+/// match route.target {
+///     GsiTarget::Msi(msi) => assert_eq!(msi.data & 0xff, 0x35, "vector"),
+///     _ => unreachable!("only MSI targets exist on x86"),
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum GsiTarget {
@@ -160,6 +197,26 @@ impl GsiRoute {
 }
 
 /// One range of host memory that backs a range of guest physical memory.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::MemoryRegion;
+/// use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+/// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 64 << 20)])?;
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// for (slot, r) in mem.iter().enumerate() {
+///     let region = MemoryRegion {
+///         slot: slot as u32,
+///         guest_addr: r.start_addr().0,
+///         size: r.len(),
+///         host_addr: r.get_host_address(MemoryRegionAddress(0))? as u64,
+///         read_only: false,
+///     };
+///     // SAFETY: `vm` is declared after `mem`, so it is dropped first.
+///     unsafe { vm.map_memory(region)? };
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryRegion {
     /// Backend slot number; unique per VM, below [`Capabilities::max_memory_slots`].
@@ -175,6 +232,17 @@ pub struct MemoryRegion {
 }
 
 /// A message-signalled interrupt, in the backend-neutral form the device sends it.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::Msi;
+/// // Fixed delivery of vector 0x31 to the CPU with APIC id 1.
+/// let msi = Msi { address: 0xfee0_0000 | 1 << 12, data: 0x31, devid: None };
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// vm.create_irqchip(Default::default())?;
+/// vm.signal_msi(msi)?;
+/// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Msi {
     /// Message address (x86: 0xFEEx_xxxx with the destination APIC id; arm64: the ITS doorbell).
@@ -186,6 +254,18 @@ pub struct Msi {
 }
 
 /// Where an ioeventfd listens.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::{EventFd, IoEventAddress};
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// let doorbell = EventFd::new(libc::EFD_NONBLOCK)?;
+/// let addr = IoEventAddress::Mmio(0xd000_0050);
+/// // Guest writes of 0 to the address now only signal `doorbell`: no exit to the VMM.
+/// vm.register_ioeventfd(&doorbell, addr, Some(0))?;
+/// vm.unregister_ioeventfd(&doorbell, addr, Some(0))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoEventAddress {
     /// An x86 I/O port.
@@ -198,6 +278,22 @@ pub enum IoEventAddress {
 ///
 /// Shared between the VMM, its vCPU threads and its devices (they raise interrupts through
 /// it), so every method takes `&self`.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::{EventFd, IrqchipMode};
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// // Guest RAM goes in with `map_memory` (see `MemoryRegion`).
+/// vm.create_irqchip(IrqchipMode::InKernel)?; // x86 KVM: before the vCPUs
+/// let vcpu = vm.create_vcpu(0)?;
+/// vm.set_irq_line(4, true)?; // an edge on ISA IRQ 4 (COM1)…
+/// vm.set_irq_line(4, false)?;
+/// let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+/// vm.register_irqfd(&irq, 4)?;
+/// irq.write(1)?; // …and the same edge without an ioctl
+/// # drop(vcpu);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait Vm: Send + Sync {
     /// Maps `region` into the guest physical address space.
     ///
@@ -239,6 +335,18 @@ pub trait Vm: Send + Sync {
     ///
     /// On x86 KVM this is how a userspace IOAPIC ([`IrqchipMode::Split`]) connects its pins:
     /// it owns GSIs 0-23 and pushes its table whenever the guest reprograms a pin.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use smolvm::hypervisor::{GsiRoute, IrqchipMode, Msi};
+    /// let vm = smolvm::hypervisor::open()?.create_vm()?;
+    /// vm.create_irqchip(IrqchipMode::Split)?;
+    /// // GSI 10 now sends vector 0x4a to APIC id 0; raising it (irqfd or line) fires the MSI.
+    /// let msi = Msi { address: 0xfee0_0000, data: 0x4a, devid: None };
+    /// vm.set_gsi_routing(&[GsiRoute::msi(10, msi)])?;
+    /// vm.set_irq_line(10, true)?;
+    /// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+    /// ```
     fn set_gsi_routing(&self, routes: &[GsiRoute]) -> Result<()>;
 
     /// Makes every write to `fd` pulse interrupt line `gsi`, without an ioctl per interrupt.
@@ -277,6 +385,17 @@ pub trait Vm: Send + Sync {
 }
 
 /// How a vCPU's platform identity is set up before it first runs.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::CpuConfig;
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// vm.create_irqchip(Default::default())?;
+/// // Second vCPU of two: CPUID reports two CPUs and APIC id 1.
+/// let mut vcpu = vm.create_vcpu(1)?;
+/// vcpu.configure(&CpuConfig { id: 1, count: 2 })?;
+/// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuConfig {
     /// This vCPU's index, 0-based.
@@ -290,6 +409,18 @@ pub struct CpuConfig {
 /// After [`VcpuKick::kick`], the vCPU's current or next [`Vcpu::run`] returns
 /// [`VmExit::Interrupted`] promptly, even if the guest is halted. Kicks do not queue: several
 /// kicks before the vCPU notices are one interruption.
+///
+/// # Example
+/// ```no_run
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// vm.create_irqchip(Default::default())?;
+/// let vcpu = vm.create_vcpu(0)?;
+/// let kicker = vcpu.kicker(); // an `Arc<dyn VcpuKick>`, safe to send
+/// let stopper = std::thread::spawn(move || kicker.kick());
+/// // Meanwhile this thread's `vcpu.run()` returns `VmExit::Interrupted`.
+/// stopper.join().unwrap();
+/// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+/// ```
 pub trait VcpuKick: Send + Sync {
     /// Requests the interruption; never blocks.
     fn kick(&self);
@@ -299,6 +430,27 @@ pub trait VcpuKick: Send + Sync {
 ///
 /// Not `Send`: HVF vCPUs must stay on the thread that created them (KVM's may move, but the
 /// VMM does not rely on it).
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::{CpuConfig, VmExit};
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// vm.create_irqchip(Default::default())?;
+/// // (Map guest memory and load a guest first, see `MemoryRegion` and `configure_system`.)
+/// let mut vcpu = vm.create_vcpu(0)?;
+/// vcpu.configure(&CpuConfig { id: vcpu.id(), count: 1 })?;
+/// let mut regs = vcpu.regs()?;
+/// regs.rip = 0x1000;
+/// vcpu.set_regs(&regs)?;
+/// loop {
+///     match vcpu.run()? {
+///         VmExit::IoOut { port: 0x3f8, data, .. } => print!("{}", String::from_utf8_lossy(data)),
+///         VmExit::Interrupted => {}
+///         other => break println!("vCPU stopped: {other:?}"),
+///     }
+/// }
+/// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+/// ```
 pub trait Vcpu {
     /// The id given to [`Vm::create_vcpu`].
     fn id(&self) -> u32;
@@ -310,6 +462,22 @@ pub trait Vcpu {
     fn configure(&mut self, config: &CpuConfig) -> Result<()>;
 
     /// Registers this vCPU starts from (x86: general purpose, segment and control registers).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use smolvm::arch::x86_64::configure_system;
+    /// use smolvm::boot::{load_kernel, KernelCmdline};
+    /// use smolvm::hypervisor::CpuConfig;
+    /// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 128 << 20)])?;
+    /// let kernel = load_kernel(&mem, "vmlinux".as_ref())?;
+    /// let boot = configure_system(&mem, &kernel, &KernelCmdline::new(), None, 1)?;
+    /// let vm = smolvm::hypervisor::open()?.create_vm()?;
+    /// // … map `mem` (see `MemoryRegion`), create the irqchip …
+    /// let mut vcpu = vm.create_vcpu(0)?;
+    /// vcpu.configure(&CpuConfig { id: 0, count: 1 })?;
+    /// vcpu.set_boot_state(&boot)?; // the next `run` enters the kernel
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[cfg(target_arch = "x86_64")]
     fn set_boot_state(&mut self, state: &arch::x86_64::BootState) -> Result<()>;
 
@@ -331,6 +499,20 @@ pub trait Vcpu {
 
     /// Whether the vCPU is halted waiting for an interrupt that cannot come: halted with
     /// interrupts disabled (x86 `cli; hlt`). Only meaningful between two [`Vcpu::run`] calls.
+    ///
+    /// # Example
+    /// ```
+    /// use smolvm::hypervisor::{Result, Vcpu, VmExit};
+    /// /// Runs until the guest parks itself for good (`cli; hlt`).
+    /// fn run_until_dead(vcpu: &mut dyn Vcpu) -> Result<()> {
+    ///     loop {
+    ///         let stopped = matches!(vcpu.run()?, VmExit::Halt | VmExit::Interrupted);
+    ///         if stopped && vcpu.is_halted_for_good()? {
+    ///             return Ok(());
+    ///         }
+    ///     }
+    /// }
+    /// ```
     fn is_halted_for_good(&self) -> Result<bool>;
 
     /// Runs guest code until something needs the VMM. For [`VmExit::IoIn`] and

@@ -6,6 +6,21 @@ use crate::hypervisor::ExitFailure;
 
 /// Why a VM stopped running. Returned by [`VmHandle::wait`](super::VmHandle::wait) and
 /// [`VmHandle::stop`](super::VmHandle::stop).
+///
+/// # Example
+/// ```no_run
+/// use smolvm::{ExitReason, VmBuilder};
+/// let vm = VmBuilder::new().kernel("vmlinux").start()?;
+/// let code = match vm.wait() {
+///     ExitReason::PowerOff | ExitReason::Reset => 0,
+///     ExitReason::TripleFault { vcpu } => { eprintln!("vCPU {vcpu} crashed"); 2 }
+///     other => { eprintln!("{other}"); 1 }
+/// };
+/// if code != 0 {
+///     std::process::exit(code);
+/// }
+/// # Ok::<(), smolvm::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ExitReason {
@@ -42,6 +57,15 @@ pub enum ExitReason {
 
 impl ExitReason {
     /// Whether the guest itself ended the run cleanly (reset, power-off or final halt).
+    ///
+    /// # Example
+    /// ```
+    /// use smolvm::ExitReason;
+    /// assert!(ExitReason::PowerOff.is_guest_shutdown());
+    /// assert!(ExitReason::Halted.is_guest_shutdown());
+    /// assert!(!ExitReason::Stopped.is_guest_shutdown());
+    /// assert!(!ExitReason::TripleFault { vcpu: 0 }.is_guest_shutdown());
+    /// ```
     pub fn is_guest_shutdown(&self) -> bool {
         matches!(
             self,

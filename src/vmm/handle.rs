@@ -13,6 +13,18 @@ use crate::memory::GuestMemory;
 use crate::{Error, Result};
 
 /// Where a VM is in its lifecycle.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::{VmBuilder, VmState};
+/// let vm = VmBuilder::new().kernel("vmlinux").start()?;
+/// assert_eq!(vm.state(), VmState::Running);
+/// vm.pause()?;
+/// assert_eq!(vm.state(), VmState::Paused);
+/// let reason = vm.stop();
+/// assert_eq!(vm.state(), VmState::Exited(reason));
+/// # Ok::<(), smolvm::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmState {
     /// vCPUs are running guest code.

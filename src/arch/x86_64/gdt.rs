@@ -41,6 +41,7 @@ pub const GDT_32BIT: [u64; 4] = [
 /// Encodes a segment descriptor from `flags` (access byte in bits 0-7, G/DB/L/AVL in bits
 /// 12-15), a 32-bit `base` and a 20-bit `limit` (in pages when G is set).
 ///
+/// # Example
 /// ```
 /// use smolvm::arch::x86_64::gdt::gdt_entry;
 /// assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
@@ -56,6 +57,7 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The segment register state for GDT `entry` at table `index`: what the CPU would load into
 /// the hidden descriptor cache, with the limit already scaled by the granularity bit.
 ///
+/// # Example
 /// ```
 /// use smolvm::arch::x86_64::gdt::{segment_from_gdt, GDT_64BIT};
 /// let cs = segment_from_gdt(GDT_64BIT[1], 1);
@@ -88,6 +90,7 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> Segment {
 
 /// The GDT entry describing `seg` (inverse of [`segment_from_gdt`] for 32-bit bases).
 ///
+/// # Example
 /// ```
 /// use smolvm::arch::x86_64::gdt::{gdt_entry_from_segment, segment_from_gdt, GDT_64BIT};
 /// assert_eq!(gdt_entry_from_segment(&segment_from_gdt(GDT_64BIT[2], 2)), GDT_64BIT[2]);
@@ -113,6 +116,7 @@ pub fn gdt_entry_from_segment(seg: &Segment) -> u64 {
 /// returns GDTR and IDTR. The IDT limit is 0: any exception before the kernel installs its own
 /// IDT becomes a triple fault (a clean VM exit) rather than a jump through garbage.
 ///
+/// # Example
 /// ```
 /// use smolvm::arch::x86_64::{gdt, layout};
 /// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();

@@ -11,6 +11,16 @@ pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
 
 /// One memory map range.
+///
+/// # Example
+/// ```
+/// use smolvm::arch::x86_64::memmap::{memory_map, E820_RAM, E820_RESERVED};
+/// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 64 << 20)]).unwrap();
+/// let map = memory_map(&mem);
+/// let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+/// assert!(ram < 64 << 20, "the EBDA/BIOS area is not RAM to the guest");
+/// assert!(map.iter().any(|e| e.kind == E820_RESERVED));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryMapEntry {
     /// Guest physical start.
@@ -26,6 +36,7 @@ pub struct MemoryMapEntry {
 /// minus the MMIO gap, which is simply absent (as in Firecracker), so the kernel sees it as a
 /// hole it may hand to devices.
 ///
+/// # Example
 /// ```
 /// use smolvm::arch::x86_64::{layout::*, memmap::*};
 /// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 128 << 20)]).unwrap();

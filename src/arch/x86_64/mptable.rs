@@ -66,6 +66,15 @@ const MP_EXTINT: u8 = 3;
 const MPC_APIC_USABLE: u8 = 1;
 
 /// The two MP structures, ready to be written into guest memory.
+///
+/// # Example
+/// ```
+/// use smolvm::arch::x86_64::mptable;
+/// let t = mptable::build(4).unwrap();
+/// // The configuration table's length field covers the whole table, which sums to 0.
+/// assert_eq!(usize::from(u16::from_le_bytes([t.config[4], t.config[5]])), t.config.len());
+/// assert_eq!(t.config.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MpTable {
     /// The floating pointer structure, for [`EBDA_START`]; it points at
@@ -82,6 +91,7 @@ pub struct MpTable {
 /// # Errors
 /// [`BootError::TooManyVcpus`] for 0 or more than [`MAX_VCPUS`] CPUs.
 ///
+/// # Example
 /// ```
 /// use smolvm::arch::x86_64::{layout, mptable};
 /// let t = mptable::build(2).unwrap();
@@ -159,6 +169,7 @@ pub fn build(vcpus: u32) -> Result<MpTable, BootError> {
 /// [`BootError::GuestMemory`] if guest memory does not cover both places (it needs the
 /// first MiB).
 ///
+/// # Example
 /// ```
 /// use smolvm::arch::x86_64::{layout, mptable};
 /// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();

@@ -18,6 +18,7 @@ const ENTRIES: usize = 512;
 /// Writes PML4, PDPT and PD (whole pages, so stale contents cannot leak in) and returns the
 /// CR3 value ([`PML4_START`]).
 ///
+/// # Example
 /// ```
 /// use vm_memory::{Bytes, GuestAddress};
 /// use smolvm::arch::x86_64::{layout, paging};

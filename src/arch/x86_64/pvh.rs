@@ -23,6 +23,7 @@ pub const MAX_MEMMAP_ENTRIES: usize =
 /// [`PVH_MODLIST_START`] and `memmap` at [`PVH_MEMMAP_START`]; returns the start_info address
 /// (the kernel's EBX).
 ///
+/// # Example
 /// ```
 /// use smolvm::arch::x86_64::{layout, memmap, pvh};
 /// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 32 << 20)]).unwrap();

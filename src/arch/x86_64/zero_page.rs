@@ -25,6 +25,7 @@ pub const LOADED_HIGH: u8 = 0x1;
 /// loader fields, command line (`cmdline_len` bytes including the NUL, at [`CMDLINE_START`]),
 /// initrd and `memmap` as e820 table.
 ///
+/// # Example
 /// ```
 /// use smolvm::arch::x86_64::{memmap, zero_page};
 /// use smolvm::boot::{KernelFormat, LoadedKernel};
@@ -85,6 +86,7 @@ pub fn build(
 
 /// Writes `params` at [`ZERO_PAGE_START`].
 ///
+/// # Example
 /// ```
 /// use smolvm::arch::x86_64::{layout, zero_page};
 /// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();

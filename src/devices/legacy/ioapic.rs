@@ -123,6 +123,15 @@ impl Default for IoapicState {
 }
 
 /// What one redirection table entry means, decoded.
+///
+/// # Example
+/// ```
+/// use smolvm::devices::legacy::ioapic::RedirectionEntry;
+/// // Vector 0x39, level-triggered, active low, to APIC id 0: how Linux programs a PCI INTx pin.
+/// let e = RedirectionEntry::from_raw(0xa039);
+/// assert!(e.level_triggered && e.active_low && !e.masked);
+/// assert_eq!(e.msi().unwrap().data, 0xc039, "level and assert bits set in the MSI");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RedirectionEntry {
     /// Interrupt vector (bits 0-7).
@@ -211,7 +220,13 @@ impl RedirectionEntry {
 /// let ioapic = Arc::new(Mutex::new(Ioapic::new(vm.clone())));
 /// // Put it on the MMIO bus at layout::IOAPIC_START; forward VmExit::IoapicEoi to it; a
 /// // level-triggered device then reports its line:
-/// ioapic.lock().unwrap().set_line(11, true)?;
+/// let mut ioapic = ioapic.lock().unwrap();
+/// ioapic.set_line(11, true)?;
+/// assert!(ioapic.line(11));
+/// // Until the guest programs pin 11 it stays masked: nothing is routed or delivered.
+/// assert!(ioapic.redirection_entry(11).unwrap().masked);
+/// assert!(ioapic.routes().is_empty());
+/// assert_eq!(ioapic.state().lines, 1 << 11);
 /// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
 /// ```
 pub struct Ioapic {
@@ -237,6 +252,20 @@ impl Ioapic {
     }
 
     /// An IOAPIC with a saved state. Call [`Ioapic::sync_routes`] to hand its routes to the VM.
+    ///
+    /// # Example
+    /// ```
+    /// use std::sync::Arc;
+    /// use smolvm::devices::legacy::Ioapic;
+    /// use smolvm::hypervisor::{HypervisorError, Vm};
+    ///
+    /// /// Moves the guest's IOAPIC to `new_vm`, which has a split irqchip too.
+    /// fn restore(old: &Ioapic, new_vm: Arc<dyn Vm>) -> Result<Ioapic, HypervisorError> {
+    ///     let mut ioapic = Ioapic::from_state(new_vm, old.state());
+    ///     ioapic.sync_routes()?; // the guest's routes are live again
+    ///     Ok(ioapic)
+    /// }
+    /// ```
     pub fn from_state(vm: Arc<dyn Vm>, mut state: IoapicState) -> Self {
         state.id &= 0xf;
         state.lines &= (1 << IOAPIC_NUM_PINS) - 1;
@@ -275,6 +304,18 @@ impl Ioapic {
     ///
     /// # Errors
     /// The backend rejected the table; the next change (or call) tries again.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use smolvm::devices::legacy::Ioapic;
+    /// use smolvm::hypervisor::IrqchipMode;
+    /// let vm = smolvm::hypervisor::open()?.create_vm()?;
+    /// vm.create_irqchip(IrqchipMode::Split)?;
+    /// let mut ioapic = Ioapic::new(vm);
+    /// ioapic.sync_routes()?; // pushes the (empty) table: every pin is masked
+    /// ioapic.sync_routes()?; // unchanged: no backend call
+    /// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+    /// ```
     pub fn sync_routes(&mut self) -> Result<(), HypervisorError> {
         let routes = self.routes();
         if self.pushed.as_ref() == Some(&routes) {
@@ -335,6 +376,18 @@ impl Ioapic {
     ///
     /// # Errors
     /// Re-delivering through the VM failed (every pin is still handled).
+    ///
+    /// # Example
+    /// ```
+    /// use smolvm::devices::legacy::Ioapic;
+    /// use smolvm::hypervisor::{Vcpu, VmExit};
+    /// fn run_once(vcpu: &mut dyn Vcpu, ioapic: &mut Ioapic) -> smolvm::hypervisor::Result<()> {
+    ///     if let VmExit::IoapicEoi { vector } = vcpu.run()? {
+    ///         ioapic.end_of_interrupt(vector)?;
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn end_of_interrupt(&mut self, vector: u8) -> Result<(), HypervisorError> {
         let mut result = Ok(());
         for pin in 0..IOAPIC_NUM_PINS {

@@ -9,6 +9,19 @@ use crate::devices::{BusDevice, InterruptLine};
 pub type ConsoleCallback = Box<dyn FnMut(&[u8]) + Send>;
 
 /// Where guest console output goes: any writer, or a callback.
+///
+/// # Example
+/// ```
+/// use std::io::Write;
+/// use std::sync::{Arc, Mutex};
+/// use smolvm::devices::legacy::ConsoleSink;
+/// let out = Arc::new(Mutex::new(Vec::new()));
+/// let o = out.clone();
+/// let mut sink = ConsoleSink::Callback(Box::new(move |b| o.lock().unwrap().extend_from_slice(b)));
+/// sink.write_all(b"login: ")?;
+/// assert_eq!(&out.lock().unwrap()[..], b"login: ");
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub enum ConsoleSink {
     /// Output is dropped.
     Discard,
@@ -49,6 +62,17 @@ impl Write for ConsoleSink {
 }
 
 /// Adapts [`InterruptLine`] to vm-superio's trigger interface.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::devices::{legacy::serial::IrqTrigger, InterruptLine};
+/// use vm_superio::Trigger;
+/// let vm = smolvm::hypervisor::open()?.create_vm()?;
+/// vm.create_irqchip(Default::default())?;
+/// let irq = IrqTrigger(InterruptLine::new(&vm, 4)?);
+/// irq.trigger()?; // what vm-superio's UART calls to interrupt the guest
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct IrqTrigger(pub InterruptLine);
 
 impl vm_superio::Trigger for IrqTrigger {

@@ -1,6 +1,18 @@
 //! x86_64 register state in backend-neutral form.
 
 /// General purpose registers, instruction pointer and flags.
+///
+/// # Example
+/// ```
+/// use smolvm::hypervisor::arch::x86_64::{bits, Registers};
+/// let regs = Registers {
+///     rip: 0x100_0000,
+///     rsi: 0x7000,
+///     rflags: bits::RFLAGS_RESERVED,
+///     ..Default::default()
+/// };
+/// assert_eq!(regs.rflags & bits::RFLAGS_IF, 0, "interrupts off");
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub struct Registers {
@@ -25,6 +37,14 @@ pub struct Registers {
 }
 
 /// A segment register with its hidden descriptor cache.
+///
+/// # Example
+/// ```
+/// use smolvm::arch::x86_64::gdt::{gdt_entry_from_segment, segment_from_gdt, GDT_64BIT};
+/// let cs = segment_from_gdt(GDT_64BIT[1], 1);
+/// assert!(cs.present && cs.l && !cs.db, "64-bit code segment");
+/// assert_eq!(gdt_entry_from_segment(&cs), GDT_64BIT[1]);
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub struct Segment {
@@ -47,6 +67,15 @@ pub struct Segment {
 }
 
 /// A descriptor-table register (GDTR, IDTR).
+///
+/// # Example
+/// ```
+/// use smolvm::arch::x86_64::{gdt, layout};
+/// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+/// let (gdtr, _idtr) = gdt::write_gdt(&mem, &gdt::GDT_64BIT).unwrap();
+/// assert_eq!(gdtr.base, layout::BOOT_GDT_START);
+/// assert_eq!(usize::from(gdtr.limit) + 1, gdt::GDT_64BIT.len() * 8);
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DescriptorTable {
     /// Linear base address.
@@ -56,6 +85,18 @@ pub struct DescriptorTable {
 }
 
 /// Segment, descriptor-table and control registers.
+///
+/// # Example
+/// ```
+/// use smolvm::arch::x86_64::gdt::{segment_from_gdt, GDT_64BIT};
+/// use smolvm::hypervisor::arch::x86_64::{bits, SpecialRegisters};
+/// let long_mode = |s: &SpecialRegisters| s.efer & bits::EFER_LMA != 0 && s.cs.l;
+/// let mut sregs = SpecialRegisters::default();
+/// assert!(!long_mode(&sregs));
+/// sregs.efer = bits::EFER_LME | bits::EFER_LMA;
+/// sregs.cs = segment_from_gdt(GDT_64BIT[1], 1);
+/// assert!(long_mode(&sregs));
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub struct SpecialRegisters {
@@ -82,6 +123,24 @@ pub struct SpecialRegisters {
 ///
 /// Only the fields a boot protocol defines are applied: segment/control registers are
 /// written over the vCPU's reset state and everything else keeps its reset value.
+///
+/// # Example
+/// ```
+/// use smolvm::arch::x86_64::configure_system;
+/// use smolvm::boot::{KernelCmdline, KernelFormat, LoadedKernel};
+/// use smolvm::hypervisor::arch::x86_64::bits;
+/// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 64 << 20)]).unwrap();
+/// let kernel = LoadedKernel {
+///     format: KernelFormat::ElfPvh,
+///     entry: 0x100_0000,
+///     end: 0x200_0000,
+///     setup_header: vec![],
+/// };
+/// let state = configure_system(&mem, &kernel, &KernelCmdline::new(), None, 1).unwrap();
+/// assert_eq!(state.regs.rip, kernel.entry);
+/// assert_eq!(state.sregs.cr0 & bits::CR0_PG, 0, "PVH enters with paging off");
+/// // A backend applies it with `Vcpu::set_boot_state(&state)`.
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BootState {
     /// General purpose registers (entry point in `rip`, boot parameters in `rsi`/`rbx`).

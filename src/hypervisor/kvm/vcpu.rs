@@ -10,6 +10,17 @@ use crate::hypervisor::arch::x86_64::{BootState, Registers, SpecialRegisters};
 use crate::hypervisor::{CpuConfig, ExitFailure, Result, Vcpu, VcpuKick, VmExit};
 
 /// A KVM vCPU.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::{kvm::Kvm, CpuConfig, Hypervisor};
+/// let vm = Kvm::open()?.create_vm()?;
+/// vm.create_irqchip(Default::default())?;
+/// // A `KvmVcpu`, used through the backend-neutral `Vcpu` trait.
+/// let mut vcpu = vm.create_vcpu(0)?;
+/// vcpu.configure(&CpuConfig { id: 0, count: 1 })?;
+/// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+/// ```
 pub struct KvmVcpu {
     fd: VcpuFd,
     id: u32,

@@ -15,6 +15,16 @@ use crate::hypervisor::{
 };
 
 /// A KVM virtual machine.
+///
+/// # Example
+/// ```no_run
+/// use smolvm::hypervisor::{kvm::Kvm, Hypervisor, IrqchipOrder};
+/// let kvm = Kvm::open()?;
+/// // A `KvmVm`, used through the backend-neutral `Vm` trait.
+/// let vm = kvm.create_vm()?;
+/// assert_eq!(vm.irqchip_order(), IrqchipOrder::BeforeVcpus);
+/// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+/// ```
 pub struct KvmVm {
     fd: VmFd,
     caps: Capabilities,
