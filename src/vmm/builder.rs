@@ -105,62 +105,123 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
     #[cfg(not(target_arch = "x86_64"))]
     load_guest(&cfg, &memory)?;
 
-    let order = vm.irqchip_order();
-    if order == IrqchipOrder::BeforeVcpus {
+    if vm.irqchip_order() == IrqchipOrder::BeforeVcpus {
         vm.create_irqchip(cfg.irqchip)?;
     }
 
     let control = Arc::new(Control::new(cfg.vcpus));
-    let events: PlatformEventSink = {
-        let control = Arc::downgrade(&control);
-        Arc::new(move |event| {
-            if let Some(c) = control.upgrade() {
-                c.request_exit(match event {
-                    PlatformEvent::Reset => ExitReason::Reset,
-                    PlatformEvent::PowerOff => ExitReason::PowerOff,
-                });
-            }
-        })
-    };
-
-    let console = std::mem::replace(&mut cfg.console, legacy::ConsoleSink::Discard);
-    let serial = Arc::new(Mutex::new(Serial::new(
-        InterruptLine::new(&vm, legacy::COM1_IRQ)?,
-        console,
-    )));
-    let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
-    let mut pio = Bus::new("pio");
-    pio.insert(u64::from(legacy::COM1_PORT), 8, serial.clone())?;
-    pio.insert(u64::from(legacy::I8042_DATA_PORT), 1, i8042.clone())?;
-    pio.insert(u64::from(legacy::I8042_COMMAND_PORT), 1, i8042)?;
-    pio.insert(
-        u64::from(legacy::PM1A_CONTROL_PORT),
-        2,
-        Arc::new(Mutex::new(PmControl::new(events))),
+    let devices = Devices::build(&mut cfg, &vm, &memory, platform_events(&control))?;
+    let threads = start_vcpus(
+        &cfg,
+        &vm,
+        #[cfg(target_arch = "x86_64")]
+        boot_state,
+        &devices,
+        &control,
     )?;
-    for d in cfg.pio_devices.drain(..) {
-        pio.insert(d.base, d.len, d.device)?;
-    }
-    let mut mmio = Bus::new("mmio");
-    // Split irqchip: the IOAPIC is ours (x86; other architectures' GIC stays in the kernel).
-    let ioapic = (cfg!(target_arch = "x86_64") && cfg.irqchip == IrqchipMode::Split)
-        .then(|| Arc::new(Mutex::new(Ioapic::new(vm.clone()))));
-    if let Some(ioapic) = &ioapic {
-        mmio.insert(
-            layout::IOAPIC_START,
-            legacy::ioapic::IOAPIC_MMIO_SIZE,
-            ioapic.clone(),
-        )?;
-    }
-    for d in cfg.mmio_devices.drain(..) {
-        check_not_ram(&memory, d.base, d.len)?;
-        mmio.insert(d.base, d.len, d.device)?;
-    }
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
+    Ok(VmHandle {
+        control,
+        threads: Mutex::new(threads),
+        resources: Mutex::new(Some(Resources {
+            vm,
+            memory,
+            serial: devices.serial,
+            ioapic: devices.ioapic,
+        })),
+        halt_probe: cfg.halt_probe,
+    })
+}
+
+/// Turns device requests (i8042 reset, power-off register) into the VM's exit reason. Holds
+/// the control state weakly so devices never keep a finished VM alive.
+fn platform_events(control: &Arc<Control>) -> PlatformEventSink {
+    let control = Arc::downgrade(control);
+    Arc::new(move |event| {
+        if let Some(c) = control.upgrade() {
+            c.request_exit(match event {
+                PlatformEvent::Reset => ExitReason::Reset,
+                PlatformEvent::PowerOff => ExitReason::PowerOff,
+            });
+        }
+    })
+}
+
+/// The VM's devices, wired onto their buses.
+struct Devices {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<Serial>>,
+    /// The userspace IOAPIC in split-irqchip mode.
+    ioapic: Option<Arc<Mutex<Ioapic>>>,
+}
+
+impl Devices {
+    /// The legacy devices at their fixed ports, the IOAPIC in split mode, and the caller's
+    /// devices (taken out of `cfg`).
+    fn build(
+        cfg: &mut VmBuilder,
+        vm: &Arc<dyn Vm>,
+        memory: &GuestMemory,
+        events: PlatformEventSink,
+    ) -> Result<Self> {
+        let console = std::mem::replace(&mut cfg.console, legacy::ConsoleSink::Discard);
+        let serial = Arc::new(Mutex::new(Serial::new(
+            InterruptLine::new(vm, legacy::COM1_IRQ)?,
+            console,
+        )));
+        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
+        let mut pio = Bus::new("pio");
+        pio.insert(u64::from(legacy::COM1_PORT), 8, serial.clone())?;
+        pio.insert(u64::from(legacy::I8042_DATA_PORT), 1, i8042.clone())?;
+        pio.insert(u64::from(legacy::I8042_COMMAND_PORT), 1, i8042)?;
+        pio.insert(
+            u64::from(legacy::PM1A_CONTROL_PORT),
+            2,
+            Arc::new(Mutex::new(PmControl::new(events))),
+        )?;
+        for d in cfg.pio_devices.drain(..) {
+            pio.insert(d.base, d.len, d.device)?;
+        }
+
+        let mut mmio = Bus::new("mmio");
+        // Split irqchip: the IOAPIC is ours (x86; other architectures' GIC stays in the
+        // kernel).
+        let ioapic = (cfg!(target_arch = "x86_64") && cfg.irqchip == IrqchipMode::Split)
+            .then(|| Arc::new(Mutex::new(Ioapic::new(vm.clone()))));
+        if let Some(ioapic) = &ioapic {
+            mmio.insert(
+                layout::IOAPIC_START,
+                legacy::ioapic::IOAPIC_MMIO_SIZE,
+                ioapic.clone(),
+            )?;
+        }
+        for d in cfg.mmio_devices.drain(..) {
+            check_not_ram(memory, d.base, d.len)?;
+            mmio.insert(d.base, d.len, d.device)?;
+        }
+        Ok(Devices {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            serial,
+            ioapic,
+        })
+    }
+}
+
+/// Spawns one thread per vCPU, waits until every vCPU exists (creating the irqchip then where
+/// the backend needs it after the vCPUs), and lets them run. On any failure the threads are
+/// told to give up and are joined before the error is returned.
+fn start_vcpus(
+    cfg: &VmBuilder,
+    vm: &Arc<dyn Vm>,
+    #[cfg(target_arch = "x86_64")] boot_state: BootState,
+    devices: &Devices,
+    control: &Arc<Control>,
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
     let startup = Startup::new(cfg.vcpus);
     let mut threads = Vec::with_capacity(cfg.vcpus as usize);
-    let mut spawn_error = None;
+    let mut first_error = None;
     for id in 0..cfg.vcpus {
         let ctx = VcpuContext {
             id,
@@ -170,23 +231,21 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
             // like real hardware, so the guest brings them up itself.
             #[cfg(target_arch = "x86_64")]
             boot: (id == 0).then_some(boot_state),
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            ioapic: ioapic.clone(),
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
+            ioapic: devices.ioapic.clone(),
             control: control.clone(),
         };
         match vcpu_thread::spawn(ctx, startup.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
-                spawn_error = Some(Error::Thread(e));
+                first_error = Some(Error::Thread(e));
                 break;
             }
         }
     }
-    let reports = startup.collect(threads.len());
-    let mut kickers = Vec::with_capacity(reports.len());
-    let mut first_error = spawn_error;
-    for r in reports {
+    let mut kickers = Vec::with_capacity(threads.len());
+    for r in startup.collect(threads.len()) {
         match r {
             Ok(k) => kickers.push(k),
             Err(e) => {
@@ -194,7 +253,7 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
             }
         }
     }
-    if first_error.is_none() && order == IrqchipOrder::AfterVcpus {
+    if first_error.is_none() && vm.irqchip_order() == IrqchipOrder::AfterVcpus {
         if let Err(e) = vm.create_irqchip(cfg.irqchip) {
             first_error = Some(e.into());
         }
@@ -208,18 +267,7 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
         return Err(e);
     }
     startup.decide(true);
-
-    Ok(VmHandle {
-        control,
-        threads: Mutex::new(threads),
-        resources: Mutex::new(Some(Resources {
-            vm,
-            memory,
-            serial,
-            ioapic,
-        })),
-        halt_probe: cfg.halt_probe,
-    })
+    Ok(threads)
 }
 
 /// Loads the kernel and initrd and writes the platform tables the kernel reads; returns the
