@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod irq;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use irq::InterruptLine;

@@ -291,8 +291,12 @@ impl VmBuilder {
     /// LAPICs stay in the kernel and smolvm emulates the IOAPIC
     /// ([`Ioapic`](crate::devices::legacy::Ioapic), on the MMIO bus at 0xfec00000), so
     /// stopping a VM takes well under a millisecond instead of 15-25 ms on KVM. The guest sees
-    /// no 8259 PIC and no 8254 PIT: Linux boots like under cloud-hypervisor (kvm-clock and the
-    /// TSC-deadline LAPIC timer); guests that need the PIT or the PIC must keep the default.
+    /// no 8259 PIC and no 8254 PIT: Linux boots like under cloud-hypervisor, taking its TSC
+    /// frequency from kvm-clock and its tick from the TSC-deadline LAPIC timer (smolvm
+    /// advertises TSC-deadline and ARAT in CPUID for this). A kernel without kvm-clock, or a
+    /// guest that needs the PIT or the PIC, must keep the default: Linux 6.1 with no PIT and
+    /// no known TSC frequency hangs in early timer set-up (seen under QEMU). Split mode has
+    /// not yet booted real Linux on hardware KVM in our tests.
     /// Interrupt lines ([`VmHandle::interrupt_line`](super::VmHandle::interrupt_line), the
     /// serial console's IRQ 4) work in both modes once the guest programs the IOAPIC pin.
     /// arm64 hosts ignore the setting (the GIC is always in the kernel).

@@ -29,7 +29,8 @@ const KVM_PATH: &str = "/dev/kvm";
 pub struct Kvm {
     kvm: kvm_ioctls::Kvm,
     caps: Capabilities,
-    /// `KVM_GET_SUPPORTED_CPUID` is the same for every VM; ask once.
+    /// `KVM_GET_SUPPORTED_CPUID` (plus the features KVM reports elsewhere) is the same for
+    /// every VM; ask once.
     supported_cpuid: OnceLock<std::result::Result<CpuId, i32>>,
 }
 
@@ -105,9 +106,15 @@ impl Kvm {
     fn supported_cpuid(&self) -> Result<CpuId> {
         self.supported_cpuid
             .get_or_init(|| {
-                self.kvm
+                let mut cpuid = self
+                    .kvm
                     .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                    .map_err(|e| e.errno())
+                    .map_err(|e| e.errno())?;
+                x86_64::add_emulated_features(
+                    cpuid.as_mut_slice(),
+                    self.kvm.check_extension(Cap::TscDeadlineTimer),
+                );
+                Ok(cpuid)
             })
             .clone()
             .map_err(|errno| {

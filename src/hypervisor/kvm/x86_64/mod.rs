@@ -3,6 +3,8 @@
 mod cpuid;
 mod regs;
 
+pub use cpuid::add_emulated_features;
+
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 
