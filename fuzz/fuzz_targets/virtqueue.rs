@@ -120,14 +120,27 @@ fuzz_target!(|data: &[u8]| {
                                 | QueueError::RingAccess { .. }
                                 | QueueError::AvailIndexJump { .. }
                         );
-                        let expected = if consumed { before.wrapping_add(1) } else { before };
+                        let expected = if consumed {
+                            before.wrapping_add(1)
+                        } else {
+                            before
+                        };
                         assert_eq!(q.next_avail, expected, "{e}");
                         assert!(
-                            !matches!(e, QueueError::ChainTooShort { .. } | QueueError::Memory { .. }),
+                            !matches!(
+                                e,
+                                QueueError::ChainTooShort { .. } | QueueError::Memory { .. }
+                            ),
                             "{e}"
                         );
                         if valid {
-                            assert!(!matches!(e, QueueError::NotReady { .. } | QueueError::RingAccess { .. }), "{e}");
+                            assert!(
+                                !matches!(
+                                    e,
+                                    QueueError::NotReady { .. } | QueueError::RingAccess { .. }
+                                ),
+                                "{e}"
+                            );
                         }
                         if let Some(head) = e.chain_head() {
                             assert!(head < size);

@@ -27,6 +27,7 @@
 //! assert_eq!(offered, 0x1_2000_0000);
 //! ```
 
+pub mod block;
 pub mod queue;
 
 pub use queue::{Descriptor, DescriptorChain, Queue, QueueError};
