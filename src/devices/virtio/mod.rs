@@ -13,8 +13,12 @@
 //!   descriptor-chain validation, byte copies in and out of chains, and notification
 //!   suppression (`VIRTIO_F_RING_EVENT_IDX`). Guest memory is untrusted: every ring and
 //!   descriptor field is bounds-checked and malformed chains become a [`queue::QueueError`].
+//! - [`device`]: the contract between a transport and a device type ([`VirtioDevice`],
+//!   [`VirtioInterrupt`]).
+//! - [`block`]: virtio-blk and its disk backends (read-write, read-only, copy-on-write
+//!   overlays).
 //! - planned: `mmio`, the virtio-mmio transport (register window, interrupt status, queue
-//!   notifications); `block`, `net` and `vsock`, the devices on top of it.
+//!   notifications); `net` and `vsock`.
 //!
 //! The constants below are the transport-independent parts of the specification: reserved
 //! feature bits (section 6), device status bits (section 2.1) and device IDs (section 5).
@@ -28,8 +32,10 @@
 //! ```
 
 pub mod block;
+pub mod device;
 pub mod queue;
 
+pub use device::{ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
 pub use queue::{Descriptor, DescriptorChain, Queue, QueueError};
 
 /// Feature bit 24 (legacy only): the device notifies when the available ring runs empty even
