@@ -17,8 +17,9 @@
 //!   [`VirtioInterrupt`]).
 //! - [`block`]: virtio-blk and its disk backends (read-write, read-only, copy-on-write
 //!   overlays).
-//! - planned: `mmio`, the virtio-mmio transport (register window, interrupt status, queue
-//!   notifications); `net` and `vsock`.
+//! - [`mmio`]: the virtio-mmio transport (register window, interrupt status, queue
+//!   notifications) and the allocator of device windows and interrupt lines.
+//! - planned: `net` and `vsock`.
 //!
 //! The constants below are the transport-independent parts of the specification: reserved
 //! feature bits (section 6), device status bits (section 2.1) and device IDs (section 5).
@@ -33,9 +34,11 @@
 
 pub mod block;
 pub mod device;
+pub mod mmio;
 pub mod queue;
 
 pub use device::{ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
+pub use mmio::{MmioAllocator, MmioSlot, MmioTransport};
 pub use queue::{Descriptor, DescriptorChain, Queue, QueueError};
 
 /// Feature bit 24 (legacy only): the device notifies when the available ring runs empty even
