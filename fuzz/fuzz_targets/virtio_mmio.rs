@@ -103,7 +103,7 @@ impl VirtioDevice for Sink {
         s.active = Some(ctx);
         Ok(())
     }
-    fn queue_notify(&mut self, queue: u16) {
+    fn queue_notify(&mut self, queue: u16) -> bool {
         let mut s = self.0.lock().unwrap();
         s.notifies += 1;
         let ctx = s.active.as_mut().expect("notify before activation");
@@ -112,7 +112,7 @@ impl VirtioDevice for Sink {
             .get_mut(usize::from(queue))
             .expect("notify of unknown queue");
         if !q.ready {
-            return;
+            return false;
         }
         loop {
             match q.pop(&ctx.mem) {
@@ -127,13 +127,14 @@ impl VirtioDevice for Sink {
                 Err(QueueError::HeadOutOfRange { .. }) => continue,
                 Err(_) => {
                     ctx.interrupt.set_needs_reset();
-                    return;
+                    return false;
                 }
             }
         }
         if q.needs_notification(&ctx.mem) {
             ctx.interrupt.signal_used_queue(queue);
         }
+        false
     }
     fn reset(&mut self) {
         self.0.lock().unwrap().active = None;
@@ -201,7 +202,12 @@ fuzz_target!(|data: &[u8]| {
                         .for_each(|i| i.signal_used_queue(u16::from(rec[2]))),
                     1 => irq.into_iter().for_each(|i| i.signal_config_change()),
                     2 => irq.into_iter().for_each(|i| i.set_needs_reset()),
-                    _ => t.notify_queue(u32::from(rec[2]) | (u32::from(rec[3] & 1) << 16)),
+                    _ => {
+                        // The sink serves everything in one call: never "work left".
+                        let more =
+                            t.notify_queue(u32::from(rec[2]) | (u32::from(rec[3] & 1) << 16));
+                        assert!(!more, "the sink never stops early");
+                    }
                 }
             }
             _ => {

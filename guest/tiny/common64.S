@@ -6,9 +6,10 @@
  *                whose handlers print "exception <vector>\n" and reset.
  *   set_gate     %edi = vector, %rsi = handler: replace one IDT gate.
  *   map_apic     the boot identity map covers only the first 1 GiB: if the PDPT entry
- *                for 3-4 GiB is absent, add a page directory mapping the IOAPIC and
- *                LAPIC (0xfec00000-0xfeffffff, 2 MiB pages, uncached). Needs the
- *                PML4 at CR3 with PML4[0] -> PDPT (as the VMM builds it).
+ *                for 3-4 GiB is absent, add a page directory mapping the virtio-mmio
+ *                windows (0xd0000000-0xd01fffff), the IOAPIC and the LAPIC
+ *                (0xfec00000-0xfeffffff), 2 MiB pages, uncached. Needs the PML4 at CR3
+ *                with PML4[0] -> PDPT (as the VMM builds it).
  *   puts         %rsi = NUL-terminated string -> COM1.
  *   putc         %al -> COM1 (bounded THR-empty poll).
  *   put_dec      %edi = unsigned value -> COM1 in decimal.
@@ -89,9 +90,11 @@ map_apic:
         cld
         rep stosq
         leaq    apic_pd(%rip), %rdi
-        movl    $(0xfec00000 | 0x9b), %eax      /* P RW PWT PCD PS */
+        movl    $(0xd0000000 | 0x9b), %eax      /* P RW PWT PCD PS: virtio-mmio slots */
+        movq    %rax, 128 * 8(%rdi)
+        movl    $(0xfec00000 | 0x9b), %eax      /* IOAPIC */
         movq    %rax, 502 * 8(%rdi)
-        movl    $(0xfee00000 | 0x9b), %eax
+        movl    $(0xfee00000 | 0x9b), %eax      /* LAPIC */
         movq    %rax, 503 * 8(%rdi)
         movq    %rdi, %rax
         orq     $3, %rax

@@ -125,6 +125,13 @@ impl KernelCmdline {
         self
     }
 
+    /// Adds one kernel parameter word before the init arguments, even if a parameter with
+    /// the same key exists (e.g. one `virtio_mmio.device=...` per device).
+    pub(crate) fn push_param(&mut self, word: &str) -> &mut Self {
+        self.args.push(word.to_owned());
+        self
+    }
+
     /// Sets kernel parameter `key` to `value`: replaces the first `key`/`key=...` parameter
     /// and drops any later ones (so the value is unambiguous), or adds `key=value` before the
     /// init arguments. A value containing whitespace is quoted.

@@ -7,11 +7,15 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegio
 
 use super::config::VmBuilder;
 use super::control::Control;
-use super::handle::{Resources, VmHandle};
+use super::device_loop::DeviceLoop;
+use super::handle::{BlockDeviceInfo, Resources, VmHandle};
 use super::vcpu_thread::{self, Startup, VcpuContext};
 use super::ExitReason;
 use crate::arch::x86_64::layout;
 use crate::devices::legacy::{self, Ioapic, PmControl, Serial, I8042};
+use crate::devices::virtio::block::{Block, BlockStats, Disk};
+use crate::devices::virtio::mmio::{MmioAllocError, MmioAllocator, MmioSlot, MmioTransport};
+use crate::devices::virtio::{ActivateContext, ActivateError, VirtioDevice};
 use crate::devices::{Bus, InterruptLine, PlatformEvent, PlatformEventSink};
 #[cfg(target_arch = "x86_64")]
 use crate::hypervisor::arch::x86_64::BootState;
@@ -40,7 +44,8 @@ impl VmBuilder {
     /// Builds the VM and starts its vCPUs.
     ///
     /// # Errors
-    /// [`Error::Config`] for a missing kernel or impossible sizes, [`Error::Hypervisor`] when
+    /// [`Error::Config`] for a missing kernel, impossible sizes or more
+    /// [`block_device`](Self::block_device)s than virtio-mmio slots, [`Error::Hypervisor`] when
     /// `/dev/kvm` is missing or inaccessible (the message says how to fix it),
     /// [`Error::Boot`] for an unreadable or unrecognised kernel/initrd or too little memory,
     /// [`Error::Bus`] for overlapping device ranges, [`Error::SoftwareVirtualization`] when
@@ -90,6 +95,12 @@ fn validate(cfg: &VmBuilder, hv: &dyn Hypervisor) -> Result<()> {
 }
 
 fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
+    // Virtio-mmio devices are announced on the kernel command line, so their slots are
+    // decided before the command line is written into guest memory.
+    let slots = allocate_virtio_slots(cfg.block_devices.len())?;
+    for slot in &slots {
+        cfg.cmdline.push_param(&slot.kernel_cmdline_arg());
+    }
     let hv = match cfg.hypervisor.take() {
         Some(hv) => hv,
         None => shared_hypervisor()?,
@@ -110,27 +121,107 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
     }
 
     let control = Arc::new(Control::new(cfg.vcpus));
-    let devices = Devices::build(&mut cfg, &vm, &memory, platform_events(&control))?;
-    let threads = start_vcpus(
+    let mut devices = Devices::build(&mut cfg, &vm, &memory, &slots, platform_events(&control))?;
+    let device_loop = devices.start_loop()?;
+    let threads = match start_vcpus(
         &cfg,
         &vm,
         #[cfg(target_arch = "x86_64")]
         boot_state,
         &devices,
         &control,
-    )?;
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            if let Some(l) = device_loop {
+                l.stop();
+            }
+            return Err(e);
+        }
+    };
 
     Ok(VmHandle {
         control,
         threads: Mutex::new(threads),
+        device_loop: Mutex::new(device_loop),
         resources: Mutex::new(Some(Resources {
             vm,
             memory,
             serial: devices.serial,
             ioapic: devices.ioapic,
+            block_devices: devices.block_devices,
         })),
         halt_probe: cfg.halt_probe,
     })
+}
+
+/// One slot per virtio device, in order, from the x86 microVM layout.
+fn allocate_virtio_slots(count: usize) -> Result<Vec<MmioSlot>> {
+    let mut slots = MmioAllocator::x86_64();
+    for _ in 0..count {
+        if let Err(e) = slots.allocate() {
+            let fit = slots.slots().len();
+            let why = match e {
+                MmioAllocError::IrqsExhausted => format!(
+                    "one interrupt line each, GSIs {}-{}",
+                    layout::IRQ_DEVICES_START,
+                    layout::IRQ_DEVICES_END
+                ),
+                MmioAllocError::AddressesExhausted => format!(
+                    "one 4 KiB window each in {:#x}..{:#x}",
+                    layout::MMIO_DEVICES_START,
+                    layout::IOAPIC_START
+                ),
+            };
+            return Err(Error::Config(format!(
+                "{count} virtio devices requested, but at most {fit} fit ({why}): {e}"
+            )));
+        }
+    }
+    Ok(slots.slots().to_vec())
+}
+
+/// A virtio-blk device that publishes its counters where the [`VmHandle`] can read them
+/// without taking the transport lock.
+struct PublishedBlock {
+    inner: Block<Box<dyn Disk>>,
+    stats: Arc<Mutex<BlockStats>>,
+}
+
+impl PublishedBlock {
+    fn publish(&self) {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.inner.stats();
+    }
+}
+
+impl VirtioDevice for PublishedBlock {
+    fn device_type(&self) -> u32 {
+        self.inner.device_type()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.inner.queue_max_sizes()
+    }
+    fn device_features(&self) -> u64 {
+        self.inner.device_features()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.inner.read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.inner.write_config(offset, data)
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> std::result::Result<(), ActivateError> {
+        self.inner.activate(ctx)
+    }
+    fn queue_notify(&mut self, queue: u16) -> bool {
+        let more = self.inner.queue_notify(queue);
+        self.publish();
+        more
+    }
+    fn reset(&mut self) {
+        self.inner.reset();
+        self.publish();
+    }
 }
 
 /// Turns device requests (i8042 reset, power-off register) into the VM's exit reason. Holds
@@ -154,6 +245,10 @@ struct Devices {
     serial: Arc<Mutex<Serial>>,
     /// The userspace IOAPIC in split-irqchip mode.
     ioapic: Option<Arc<Mutex<Ioapic>>>,
+    block_devices: Vec<BlockDeviceInfo>,
+    /// Queue ioeventfds of the virtio devices, for the device event loop.
+    #[cfg(target_os = "linux")]
+    queue_events: Vec<super::device_loop::QueueEvents>,
 }
 
 impl Devices {
@@ -163,6 +258,7 @@ impl Devices {
         cfg: &mut VmBuilder,
         vm: &Arc<dyn Vm>,
         memory: &GuestMemory,
+        slots: &[MmioSlot],
         events: PlatformEventSink,
     ) -> Result<Self> {
         let console = std::mem::replace(&mut cfg.console, legacy::ConsoleSink::Discard);
@@ -200,12 +296,58 @@ impl Devices {
             check_not_ram(memory, d.base, d.len)?;
             mmio.insert(d.base, d.len, d.device)?;
         }
+        let mut block_devices = Vec::with_capacity(slots.len());
+        #[cfg(target_os = "linux")]
+        let mut queue_events = Vec::new();
+        for (disk, &slot) in cfg.block_devices.drain(..).zip(slots) {
+            let stats = Arc::new(Mutex::new(BlockStats::default()));
+            let device = PublishedBlock {
+                inner: Block::new(disk),
+                stats: stats.clone(),
+            };
+            let queues = device.queue_max_sizes().len();
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(device),
+                memory.clone(),
+                InterruptLine::new(vm, slot.irq)?,
+            )));
+            check_not_ram(memory, slot.addr, slot.len)?;
+            mmio.insert(slot.addr, slot.len, transport.clone())?;
+            #[cfg(target_os = "linux")]
+            if let Some(e) =
+                super::device_loop::QueueEvents::register(vm, slot, queues, transport.clone())?
+            {
+                queue_events.push(e);
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = queues;
+            block_devices.push(BlockDeviceInfo {
+                slot,
+                stats,
+                _transport: transport,
+            });
+        }
         Ok(Devices {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             serial,
             ioapic,
+            block_devices,
+            #[cfg(target_os = "linux")]
+            queue_events,
         })
+    }
+
+    /// Starts the `smolvm-devices` event loop when any ioeventfd was registered.
+    fn start_loop(&mut self) -> Result<Option<DeviceLoop>> {
+        #[cfg(target_os = "linux")]
+        {
+            let events = std::mem::take(&mut self.queue_events);
+            if !events.is_empty() {
+                return DeviceLoop::start(events).map(Some);
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::boot::KernelCmdline;
 use crate::devices::legacy::ConsoleSink;
+use crate::devices::virtio::block::Disk;
 use crate::devices::BusDevice;
 use crate::hypervisor::{Hypervisor, IrqchipMode};
 
@@ -54,6 +55,7 @@ pub struct VmBuilder {
     pub(super) console: ConsoleSink,
     pub(super) pio_devices: Vec<ExtraDevice>,
     pub(super) mmio_devices: Vec<ExtraDevice>,
+    pub(super) block_devices: Vec<Box<dyn Disk>>,
     pub(super) halt_probe: Option<Duration>,
     pub(super) require_hardware_virtualization: bool,
     pub(super) irqchip: IrqchipMode,
@@ -75,6 +77,7 @@ impl std::fmt::Debug for VmBuilder {
             .field("cmdline", &self.cmdline.to_string())
             .field("console", &self.console)
             .field("irqchip", &self.irqchip)
+            .field("block_devices", &self.block_devices.len())
             .finish_non_exhaustive()
     }
 }
@@ -98,6 +101,7 @@ impl VmBuilder {
             console: ConsoleSink::Discard,
             pio_devices: Vec::new(),
             mmio_devices: Vec::new(),
+            block_devices: Vec::new(),
             halt_probe: Some(DEFAULT_HALT_PROBE),
             require_hardware_virtualization: false,
             irqchip: IrqchipMode::InKernel,
@@ -252,6 +256,50 @@ impl VmBuilder {
     /// ```
     pub fn mmio_device(mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Self {
         self.mmio_devices.push(ExtraDevice { base, len, device });
+        self
+    }
+
+    /// Adds a virtio-blk disk backed by `disk` (typically a
+    /// [`DiskImage`](crate::devices::virtio::block::DiskImage)), on the virtio-mmio
+    /// transport.
+    ///
+    /// May be called several times: devices get virtio-mmio slots in call order from
+    /// [`MmioAllocator::x86_64`](crate::devices::virtio::MmioAllocator::x86_64) — the first at
+    /// guest-physical 0xd0000000 with GSI 5, the second at 0xd0001000 with GSI 6, and so on —
+    /// and each is announced to Linux with a `virtio_mmio.device=4K@0xd0000000:5` kernel
+    /// parameter (the kernel needs `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`); it appears as
+    /// `/dev/vda`, `/dev/vdb`, ... in that order. [`start`](Self::start) fails with
+    /// [`crate::Error::Config`] when more devices are added than there are slots (19 on x86:
+    /// GSIs 5-23).
+    ///
+    /// Queue notifications are caught by ioeventfds where the hypervisor has them and served
+    /// on the VM's `smolvm-devices` thread; otherwise on the vCPU that wrote the notify
+    /// register. The disk is dropped (files closed, a scratch overlay file deleted) when the
+    /// VM's resources are released, i.e. when [`VmHandle::stop`](super::VmHandle::stop) or
+    /// [`wait`](super::VmHandle::wait) returns.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use smolvm::boot::KernelCmdline;
+    /// use smolvm::devices::virtio::block::{DiskImage, DiskMode, OverlayTarget};
+    ///
+    /// // The shared base image stays untouched: guest writes go to a private scratch file.
+    /// let scratch = OverlayTarget::scratch_file("/tmp/vm1-rootfs.overlay");
+    /// let root = DiskImage::open("rootfs.ext4", DiskMode::Overlay(scratch))?;
+    /// let data = DiskImage::open("data.img", DiskMode::ReadWrite)?;
+    /// let mut cmdline = KernelCmdline::default();
+    /// cmdline.append("root=/dev/vda rw");
+    /// let vm = smolvm::VmBuilder::new()
+    ///     .kernel("vmlinux")
+    ///     .cmdline(cmdline)
+    ///     .block_device(root) // /dev/vda: 0xd0000000, GSI 5
+    ///     .block_device(data) // /dev/vdb: 0xd0001000, GSI 6
+    ///     .start()?;
+    /// println!("{}", vm.wait());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn block_device(mut self, disk: impl Disk + 'static) -> Self {
+        self.block_devices.push(Box::new(disk));
         self
     }
 

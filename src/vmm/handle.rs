@@ -5,8 +5,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::control::Control;
+use super::device_loop::DeviceLoop;
 use super::ExitReason;
 use crate::devices::legacy::{Ioapic, Serial};
+use crate::devices::virtio::block::BlockStats;
+use crate::devices::virtio::mmio::{MmioSlot, MmioTransport};
 use crate::devices::InterruptLine;
 use crate::hypervisor::Vm;
 use crate::memory::GuestMemory;
@@ -42,6 +45,19 @@ pub(super) struct Resources {
     pub serial: Arc<Mutex<Serial>>,
     /// The userspace IOAPIC ([`IrqchipMode::Split`](crate::hypervisor::IrqchipMode::Split)).
     pub ioapic: Option<Arc<Mutex<Ioapic>>>,
+    /// The virtio-blk devices, in [`VmBuilder::block_device`](super::VmBuilder::block_device)
+    /// order.
+    pub block_devices: Vec<BlockDeviceInfo>,
+}
+
+/// A virtio-blk device of the VM.
+pub(super) struct BlockDeviceInfo {
+    /// Where the guest finds it.
+    pub slot: MmioSlot,
+    /// Its counters, published by the device after each notification.
+    pub stats: Arc<Mutex<BlockStats>>,
+    /// Keeps the device (and its disk) alive exactly as long as the VM's resources.
+    pub _transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// A running VM, returned by [`VmBuilder::start`](super::VmBuilder::start).
@@ -64,6 +80,8 @@ pub(super) struct Resources {
 pub struct VmHandle {
     pub(super) control: Arc<Control>,
     pub(super) threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The `smolvm-devices` thread, when any virtio queue has an ioeventfd.
+    pub(super) device_loop: Mutex<Option<DeviceLoop>>,
     pub(super) resources: Mutex<Option<Resources>>,
     pub(super) halt_probe: Option<Duration>,
 }
@@ -297,6 +315,59 @@ impl VmHandle {
         self.with_resources("access memory", |r| r.memory.clone())
     }
 
+    /// The counters of the `index`-th block device (in
+    /// [`VmBuilder::block_device`](super::VmBuilder::block_device) order): requests served,
+    /// bytes moved, errors. Updated after each batch of requests the device serves.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if there is no block device `index`; [`Error::InvalidState`] after
+    /// the VM exited and its devices were released.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use smolvm::devices::virtio::block::{DiskImage, DiskMode};
+    /// let disk = DiskImage::open("data.img", DiskMode::ReadOnly)?;
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").block_device(disk).start()?;
+    /// let stats = vm.block_stats(0)?;
+    /// println!("{} reads, {} bytes", stats.reads, stats.bytes_read);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn block_stats(&self, index: usize) -> Result<BlockStats> {
+        let (stats, count) = self.with_resources("read block device stats", |r| {
+            (
+                r.block_devices.get(index).map(|d| d.stats.clone()),
+                r.block_devices.len(),
+            )
+        })?;
+        let stats = stats.ok_or_else(|| {
+            Error::Config(format!(
+                "no block device {index}: the VM has {count} (indices from 0)"
+            ))
+        })?;
+        let s = *stats.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(s)
+    }
+
+    /// Where the guest finds the `index`-th block device (its virtio-mmio window and GSI),
+    /// `None` if there is no such device.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] after the VM exited and its devices were released.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use smolvm::devices::virtio::block::{DiskImage, DiskMode};
+    /// let disk = DiskImage::open("data.img", DiskMode::ReadOnly)?;
+    /// let vm = smolvm::VmBuilder::new().kernel("vmlinux").block_device(disk).start()?;
+    /// assert_eq!(vm.block_slot(0)?.map(|s| s.addr), Some(0xd000_0000));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn block_slot(&self, index: usize) -> Result<Option<MmioSlot>> {
+        self.with_resources("read block device slots", |r| {
+            r.block_devices.get(index).map(|d| d.slot)
+        })
+    }
+
     fn with_resources<T>(&self, op: &'static str, f: impl FnOnce(&Resources) -> T) -> Result<T> {
         let res = self.resources.lock().unwrap_or_else(|e| e.into_inner());
         res.as_ref().map(f).ok_or(Error::InvalidState {
@@ -305,7 +376,8 @@ impl VmHandle {
         })
     }
 
-    /// Joins the vCPU threads and drops the VM's resources. Idempotent.
+    /// Joins the vCPU threads, stops and joins the device event loop, and drops the VM's
+    /// resources (devices included). Idempotent.
     fn finish(&self) {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         let me = std::thread::current().id();
@@ -319,6 +391,15 @@ impl VmHandle {
             if t.join().is_err() {
                 log::error!("a vCPU thread panicked");
             }
+        }
+        // After the vCPUs: no new notification can arrive once they are gone.
+        let device_loop = self
+            .device_loop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(l) = device_loop {
+            l.stop();
         }
         let resources = self
             .resources

@@ -7,6 +7,7 @@
 mod builder;
 mod config;
 mod control;
+mod device_loop;
 mod exit;
 mod handle;
 mod vcpu_thread;

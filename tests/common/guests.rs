@@ -34,6 +34,7 @@ pub const GUESTS: &[&str] = &[
     "smp",
     "irq",
     "spin",
+    "virtio_blk",
 ];
 
 /// The 32-bit port the guests report events to (APIC ids, IRQ acks, heartbeats).
@@ -48,6 +49,31 @@ pub const TRIPLE_FAULT_OUTPUT: &str = "faulting\n";
 pub const IRQ_READY_OUTPUT: &str = "irq ready\n";
 pub const IRQ_OK_OUTPUT: &str = "irq ok\n";
 pub const SPIN_OUTPUT: &str = "spinning\n";
+/// What `virtio_blk` prints when its write, read-back and comparison all succeeded.
+pub const VIRTIO_BLK_OK_OUTPUT: &str = "virtio-blk ok\n";
+/// What `virtio_blk` prints when a request failed or the data read back differs.
+pub const VIRTIO_BLK_FAILED_OUTPUT: &str = "virtio-blk failed\n";
+/// What `virtio_blk` prints when no virtio-blk device answers at its MMIO slot.
+pub const VIRTIO_BLK_NO_DEVICE_OUTPUT: &str = "virtio-blk: no device\n";
+/// What `virtio_blk` prints when a request's used-ring interrupt never came (~5 s).
+pub const VIRTIO_BLK_NO_IRQ_OUTPUT: &str = "virtio-blk: no interrupt\n";
+/// The MMIO slot, GSI and vector the `virtio_blk` guest drives.
+pub const VIRTIO_BLK_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_BLK_GSI: u32 = 5;
+pub const VIRTIO_BLK_VECTOR: u32 = 0x41;
+/// The sector `virtio_blk` writes and reads back.
+pub const VIRTIO_BLK_SECTOR: u64 = 1;
+/// Test-port values `virtio_blk` reports: `| status` of the write, `| status` of the read,
+/// `| 0` (data equal) or `| 1` (differs) for the comparison.
+pub const VIRTIO_BLK_WRITE_STATUS: u32 = 0x100;
+pub const VIRTIO_BLK_READ_STATUS: u32 = 0x200;
+pub const VIRTIO_BLK_COMPARE: u32 = 0x300;
+
+/// The 512 bytes `virtio_blk` writes to [`VIRTIO_BLK_SECTOR`]: byte `i` is `(i * 7 + 3) & 0xff`.
+pub fn virtio_blk_pattern() -> Vec<u8> {
+    (0..512u32).map(|i| (i * 7 + 3) as u8).collect()
+}
+
 /// Every guest's IDT handlers print this (followed by the decimal vector) before resetting.
 pub const EXCEPTION_PREFIX: &str = "exception ";
 /// The GSI and vector the `irq` guest programs into the IOAPIC.

@@ -110,15 +110,22 @@ pub enum ActivateError {
 ///         self.active = Some(ctx);
 ///         Ok(())
 ///     }
-///     fn queue_notify(&mut self, queue: u16) {
-///         let Some(ctx) = self.active.as_mut() else { return };
-///         let q = &mut ctx.queues[queue as usize];
+///     fn queue_notify(&mut self, queue: u16) -> bool {
+///         let Some(ctx) = self.active.as_mut() else { return false };
+///         let Some(q) = ctx.queues.get_mut(usize::from(queue)) else { return false };
+///         // Bounded work per call: at most 64 chains, then let the caller serve others.
+///         let mut served = 0;
 ///         while let Ok(Some(chain)) = q.pop(&ctx.mem) {
 ///             let _ = q.add_used(&ctx.mem, chain.head_index(), 0);
+///             served += 1;
+///             if served == 64 {
+///                 break;
+///             }
 ///         }
 ///         if q.needs_notification(&ctx.mem) {
 ///             ctx.interrupt.signal_used_queue(queue);
 ///         }
+///         served == 64 // maybe more pending: call again
 ///     }
 ///     fn reset(&mut self) { self.active = None }
 /// }
@@ -154,7 +161,13 @@ pub trait VirtioDevice: Send {
     /// The driver notified `queue` (a QueueNotify write or its ioeventfd): process what is
     /// available. Called only after a successful [`activate`](Self::activate); indices of
     /// queues that do not exist must be ignored.
-    fn queue_notify(&mut self, queue: u16);
+    ///
+    /// A device should bound the work of one call (a driver that keeps refilling the ring must
+    /// not hold the calling thread forever). Returns `true` when it stopped early with work
+    /// left: the caller must call again — after serving its other events, for fairness —
+    /// because the driver will not notify again for buffers it already made available.
+    /// `false`: nothing left to do until the next notification.
+    fn queue_notify(&mut self, queue: u16) -> bool;
 
     /// The driver reset the device (status 0): stop all I/O, drop the queues and return to
     /// the state before activation. In-flight requests are abandoned (the driver will not look

@@ -246,7 +246,7 @@ pub struct MmioTransportState {
 ///     fn read_config(&self, _: u64, data: &mut [u8]) { data.fill(0) }
 ///     fn write_config(&mut self, _: u64, _: &[u8]) {}
 ///     fn activate(&mut self, _: ActivateContext) -> Result<(), ActivateError> { Ok(()) }
-///     fn queue_notify(&mut self, _: u16) {}
+///     fn queue_notify(&mut self, _: u16) -> bool { false }
 ///     fn reset(&mut self) {}
 /// }
 /// let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
@@ -364,7 +364,7 @@ impl MmioTransport {
     /// #     fn read_config(&self, _: u64, data: &mut [u8]) { data.fill(0) }
     /// #     fn write_config(&mut self, _: u64, _: &[u8]) {}
     /// #     fn activate(&mut self, _: ActivateContext) -> Result<(), ActivateError> { Ok(()) }
-    /// #     fn queue_notify(&mut self, _: u16) {}
+    /// #     fn queue_notify(&mut self, _: u16) -> bool { false }
     /// #     fn reset(&mut self) {}
     /// # }
     /// # let mem = smolvm::memory::create(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
@@ -392,16 +392,24 @@ impl MmioTransport {
     /// forwarded to [`VirtioDevice::queue_notify`] if the device is active and the queue
     /// exists, ignored otherwise.
     ///
+    /// Returns the device's answer: `true` when it stopped early with work left on the queue,
+    /// so the caller must call again (an event loop after serving its other events; the MMIO
+    /// exit path of a QueueNotify write loops until `false`). `false` when the notification
+    /// was ignored.
+    ///
     /// # Example
-    /// `transport.lock().unwrap().notify_queue(0); // from the event loop`
-    pub fn notify_queue(&mut self, index: u32) {
+    /// `let more = transport.lock().unwrap().notify_queue(0); // from the event loop`
+    pub fn notify_queue(&mut self, index: u32) -> bool {
         if !self.activated {
             log::debug!("virtio-mmio: notify of queue {index} before DRIVER_OK ignored");
-            return;
+            return false;
         }
         match u16::try_from(index) {
             Ok(q) if usize::from(q) < self.queues.len() => self.device.queue_notify(q),
-            _ => log::debug!("virtio-mmio: notify of unknown queue {index} ignored"),
+            _ => {
+                log::debug!("virtio-mmio: notify of unknown queue {index} ignored");
+                false
+            }
         }
     }
 
@@ -446,7 +454,9 @@ impl MmioTransport {
             | QUEUE_DRIVER_HIGH | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH => {
                 self.write_queue_reg(offset, value)
             }
-            QUEUE_NOTIFY_OFFSET => self.notify_queue(value),
+            // No ioeventfd caught this write (none registered, or no backend support): serve
+            // the queue here on the vCPU thread, to the end.
+            QUEUE_NOTIFY_OFFSET => while self.notify_queue(value) {},
             INTERRUPT_ACK => {
                 self.shared
                     .interrupt_status
@@ -864,6 +874,8 @@ mod tests {
         config_writes: Vec<(u64, Vec<u8>)>,
         interrupt: Option<Arc<dyn VirtioInterrupt>>,
         fail_activate: bool,
+        /// How many more notifications answer "work left".
+        more_pending: u32,
     }
 
     /// Two queues (256 and 64 entries), a 16-byte config space whose byte `i` is `i`.
@@ -901,8 +913,14 @@ mod tests {
             log.interrupt = Some(ctx.interrupt);
             Ok(())
         }
-        fn queue_notify(&mut self, queue: u16) {
-            self.0.lock().unwrap().notifies.push(queue);
+        fn queue_notify(&mut self, queue: u16) -> bool {
+            let mut log = self.0.lock().unwrap();
+            log.notifies.push(queue);
+            if log.more_pending > 0 {
+                log.more_pending -= 1;
+                return true;
+            }
+            false
         }
         fn reset(&mut self) {
             let mut log = self.0.lock().unwrap();
@@ -1124,10 +1142,24 @@ mod tests {
         f.t.notify_queue(0);
         w(&mut f.t, QUEUE_NOTIFY_OFFSET, 99);
         w(&mut f.t, QUEUE_NOTIFY_OFFSET, 0x1_0000);
-        f.t.notify_queue(2);
-        f.t.notify_queue(u32::MAX);
+        assert!(!f.t.notify_queue(2));
+        assert!(!f.t.notify_queue(u32::MAX));
         assert_eq!(f.log.lock().unwrap().notifies, vec![1, 0]);
         assert_eq!(r(&mut f.t, QUEUE_NOTIFY_OFFSET), 0, "write-only");
+    }
+
+    #[test]
+    fn notify_reports_work_left_and_the_register_path_loops_until_done() {
+        let mut f = fixture();
+        activate(&mut f);
+        f.log.lock().unwrap().more_pending = 1;
+        assert!(f.t.notify_queue(0), "device stopped early");
+        assert!(!f.t.notify_queue(0));
+        // A QueueNotify write (no ioeventfd) calls the device until it reports no work left.
+        f.log.lock().unwrap().notifies.clear();
+        f.log.lock().unwrap().more_pending = 3;
+        w(&mut f.t, QUEUE_NOTIFY_OFFSET, 1);
+        assert_eq!(f.log.lock().unwrap().notifies, vec![1, 1, 1, 1]);
     }
 
     #[test]

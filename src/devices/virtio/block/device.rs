@@ -715,10 +715,8 @@ impl<D: Disk> VirtioDevice for Block<D> {
         Ok(())
     }
 
-    fn queue_notify(&mut self, queue: u16) {
-        if queue == 0 {
-            self.process_queue();
-        }
+    fn queue_notify(&mut self, queue: u16) -> bool {
+        queue == 0 && self.process_queue()
     }
 
     fn reset(&mut self) {
