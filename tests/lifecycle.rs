@@ -1,6 +1,8 @@
 //! Boots the purpose-built tiny guests (guest/tiny/) through the public API on this host's
 //! KVM and checks what the VM reports: exits, console output, port writes, SMP bring-up,
-//! interrupts, pause/resume/stop, and that nothing leaks.
+//! interrupts, pause/resume/stop, and that nothing leaks. Behaviour that must not depend on
+//! the interrupt controller is checked in both `IrqchipMode`s; split-mode specifics are in
+//! `split_irqchip.rs`.
 
 #[path = "common/harness.rs"]
 mod harness;
@@ -8,7 +10,7 @@ mod harness;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use harness::{builder, can_run, guests, run_to_exit};
+use harness::{builder, builder_in, can_run, guests, run_to_exit, IRQCHIP_MODES};
 use smolvm::{ExitReason, VmState};
 
 /// Tests that count threads and file descriptors must not overlap with other guest runs in
@@ -25,11 +27,13 @@ fn elf_guest_prints_and_resets() {
     if !can_run() {
         return;
     }
-    let (b, console, _) = builder("hello");
-    let vm = b.start().expect("start");
-    assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
-    assert_eq!(console.text(), guests::HELLO_OUTPUT);
-    assert!(matches!(vm.state(), VmState::Exited(ExitReason::Reset)));
+    for mode in IRQCHIP_MODES {
+        let (b, console, _) = builder_in("hello", mode);
+        let vm = b.start().expect("start");
+        assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
+        assert_eq!(console.text(), guests::HELLO_OUTPUT);
+        assert!(matches!(vm.state(), VmState::Exited(ExitReason::Reset)));
+    }
 }
 
 #[test]
@@ -38,10 +42,12 @@ fn minimal_guest_prints_with_rep_outsb_and_resets() {
     if !can_run() {
         return;
     }
-    let (b, console, _) = builder("hello_min");
-    let vm = b.start().expect("start");
-    assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
-    assert_eq!(console.text(), guests::HELLO_OUTPUT);
+    for mode in IRQCHIP_MODES {
+        let (b, console, _) = builder_in("hello_min", mode);
+        let vm = b.start().expect("start");
+        assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
+        assert_eq!(console.text(), guests::HELLO_OUTPUT);
+    }
 }
 
 #[test]
@@ -50,10 +56,12 @@ fn pvh_guest_prints_and_resets() {
     if !can_run() {
         return;
     }
-    let (b, console, _) = builder("hello_pvh");
-    let vm = b.start().expect("start");
-    assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
-    assert_eq!(console.text(), guests::HELLO_PVH_OUTPUT);
+    for mode in IRQCHIP_MODES {
+        let (b, console, _) = builder_in("hello_pvh", mode);
+        let vm = b.start().expect("start");
+        assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
+        assert_eq!(console.text(), guests::HELLO_PVH_OUTPUT);
+    }
 }
 
 #[test]
@@ -62,10 +70,12 @@ fn guest_power_off_is_reported() {
     if !can_run() {
         return;
     }
-    let (b, console, _) = builder("poweroff");
-    let vm = b.start().expect("start");
-    assert_eq!(run_to_exit(&vm, &console), ExitReason::PowerOff);
-    assert_eq!(console.text(), guests::POWEROFF_OUTPUT);
+    for mode in IRQCHIP_MODES {
+        let (b, console, _) = builder_in("poweroff", mode);
+        let vm = b.start().expect("start");
+        assert_eq!(run_to_exit(&vm, &console), ExitReason::PowerOff);
+        assert_eq!(console.text(), guests::POWEROFF_OUTPUT);
+    }
 }
 
 #[test]
@@ -74,13 +84,15 @@ fn guest_halting_for_good_is_reported() {
     if !can_run() {
         return;
     }
-    let (b, console, _) = builder("halt");
-    let vm = b
-        .halt_probe(Some(Duration::from_millis(20)))
-        .start()
-        .expect("start");
-    assert_eq!(run_to_exit(&vm, &console), ExitReason::Halted);
-    assert_eq!(console.text(), guests::HALT_OUTPUT);
+    for mode in IRQCHIP_MODES {
+        let (b, console, _) = builder_in("halt", mode);
+        let vm = b
+            .halt_probe(Some(Duration::from_millis(20)))
+            .start()
+            .expect("start");
+        assert_eq!(run_to_exit(&vm, &console), ExitReason::Halted);
+        assert_eq!(console.text(), guests::HALT_OUTPUT);
+    }
 }
 
 #[test]
@@ -89,13 +101,15 @@ fn triple_fault_is_reported_not_hung() {
     if !can_run() {
         return;
     }
-    let (b, console, _) = builder("triple_fault");
-    let vm = b.start().expect("start");
-    assert_eq!(
-        run_to_exit(&vm, &console),
-        ExitReason::TripleFault { vcpu: 0 }
-    );
-    assert_eq!(console.text(), guests::TRIPLE_FAULT_OUTPUT);
+    for mode in IRQCHIP_MODES {
+        let (b, console, _) = builder_in("triple_fault", mode);
+        let vm = b.start().expect("start");
+        assert_eq!(
+            run_to_exit(&vm, &console),
+            ExitReason::TripleFault { vcpu: 0 }
+        );
+        assert_eq!(console.text(), guests::TRIPLE_FAULT_OUTPUT);
+    }
 }
 
 #[test]
@@ -104,18 +118,20 @@ fn all_vcpus_run() {
     if !can_run() {
         return;
     }
-    for n in [1u32, 2, 4] {
-        let (b, console, port) = builder("smp");
-        let vm = b.vcpus(n).start().expect("start");
-        assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset, "{n} vCPUs");
-        assert_eq!(console.text(), guests::smp_output(n as usize), "{n} vCPUs");
-        let mut ids = port.values();
-        ids.sort_unstable();
-        assert_eq!(
-            ids,
-            (0..n).collect::<Vec<_>>(),
-            "APIC ids reported by {n} vCPUs"
-        );
+    for mode in IRQCHIP_MODES {
+        for n in [1u32, 2, 4] {
+            let (b, console, port) = builder_in("smp", mode);
+            let vm = b.vcpus(n).start().expect("start");
+            assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset, "{n} vCPUs");
+            assert_eq!(console.text(), guests::smp_output(n as usize), "{n} vCPUs");
+            let mut ids = port.values();
+            ids.sort_unstable();
+            assert_eq!(
+                ids,
+                (0..n).collect::<Vec<_>>(),
+                "APIC ids reported by {n} vCPUs"
+            );
+        }
     }
 }
 
@@ -125,40 +141,42 @@ fn pause_resume_stop_a_spinning_guest() {
     if !can_run() {
         return;
     }
-    let (b, console, port) = builder("spin");
-    let vm = b.start().expect("start");
-    let beats = |min: usize| {
-        let deadline = std::time::Instant::now() + harness::WATCHDOG;
-        while port.values().len() < min {
-            assert!(std::time::Instant::now() < deadline, "no heartbeat");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
-    beats(1);
-    assert!(console.text().starts_with(guests::SPIN_OUTPUT));
+    for mode in IRQCHIP_MODES {
+        let (b, console, port) = builder_in("spin", mode);
+        let vm = b.start().expect("start");
+        let beats = |min: usize| {
+            let deadline = std::time::Instant::now() + harness::WATCHDOG;
+            while port.values().len() < min {
+                assert!(std::time::Instant::now() < deadline, "no heartbeat");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        beats(1);
+        assert!(console.text().starts_with(guests::SPIN_OUTPUT));
 
-    vm.pause().expect("pause");
-    assert_eq!(vm.state(), VmState::Paused);
-    let frozen = port.values().len();
-    // Heartbeats come every ~100 ms here; a paused guest must produce none.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(port.values().len(), frozen, "guest ran while paused");
+        vm.pause().expect("pause");
+        assert_eq!(vm.state(), VmState::Paused);
+        let frozen = port.values().len();
+        // Heartbeats come every ~100 ms here; a paused guest must produce none.
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(port.values().len(), frozen, "guest ran while paused");
 
-    vm.resume().expect("resume");
-    assert_eq!(vm.state(), VmState::Running);
-    beats(frozen + 2);
-    let values = port.values();
-    assert!(
-        values.windows(2).all(|w| w[1] == w[0] + 1),
-        "heartbeats must continue in order across the pause: {values:?}"
-    );
+        vm.resume().expect("resume");
+        assert_eq!(vm.state(), VmState::Running);
+        beats(frozen + 2);
+        let values = port.values();
+        assert!(
+            values.windows(2).all(|w| w[1] == w[0] + 1),
+            "heartbeats must continue in order across the pause: {values:?}"
+        );
 
-    assert_eq!(vm.stop(), ExitReason::Stopped);
-    assert!(matches!(vm.state(), VmState::Exited(ExitReason::Stopped)));
-    assert!(vm.pause().is_err());
-    assert!(vm.resume().is_err());
-    // Stopping twice is harmless and keeps the first reason.
-    assert_eq!(vm.stop(), ExitReason::Stopped);
+        assert_eq!(vm.stop(), ExitReason::Stopped);
+        assert!(matches!(vm.state(), VmState::Exited(ExitReason::Stopped)));
+        assert!(vm.pause().is_err());
+        assert!(vm.resume().is_err());
+        // Stopping twice is harmless and keeps the first reason.
+        assert_eq!(vm.stop(), ExitReason::Stopped);
+    }
 }
 
 #[test]
@@ -226,34 +244,36 @@ fn stop_leaves_no_threads_or_fds() {
     if !can_run() {
         return;
     }
-    // Warm-up: the first VM opens the process-wide /dev/kvm handle, which stays open.
-    let (b, console, _) = builder("hello");
-    let vm = b.start().expect("start");
-    run_to_exit(&vm, &console);
-    drop(vm);
-
-    let (fds, threads) = (harness::open_fds(), harness::threads());
-    for vcpus in [1, 3] {
-        let (b, console, _) = builder("spin");
-        let vm = b.vcpus(vcpus).start().expect("start");
-        assert!(console.wait_for(guests::SPIN_OUTPUT, harness::WATCHDOG));
-        assert!(harness::threads() >= threads + vcpus as usize);
-        assert!(harness::open_fds() > fds);
-        assert_eq!(vm.stop(), ExitReason::Stopped);
-        assert_eq!(harness::threads(), threads, "threads left after stop()");
-        assert_eq!(
-            harness::open_fds(),
-            fds,
-            "file descriptors left after stop()"
-        );
+    for mode in IRQCHIP_MODES {
+        // Warm-up: the first VM opens the process-wide /dev/kvm handle, which stays open.
+        let (b, console, _) = builder_in("hello", mode);
+        let vm = b.start().expect("start");
+        run_to_exit(&vm, &console);
         drop(vm);
+
+        let (fds, threads) = (harness::open_fds(), harness::threads());
+        for vcpus in [1, 3] {
+            let (b, console, _) = builder_in("spin", mode);
+            let vm = b.vcpus(vcpus).start().expect("start");
+            assert!(console.wait_for(guests::SPIN_OUTPUT, harness::WATCHDOG));
+            assert!(harness::threads() >= threads + vcpus as usize);
+            assert!(harness::open_fds() > fds);
+            assert_eq!(vm.stop(), ExitReason::Stopped);
+            assert_eq!(harness::threads(), threads, "threads left after stop()");
+            assert_eq!(
+                harness::open_fds(),
+                fds,
+                "file descriptors left after stop()"
+            );
+            drop(vm);
+        }
+        // The same after a guest-initiated exit and wait().
+        let (b, console, _) = builder_in("hello", mode);
+        let vm = b.vcpus(2).start().expect("start");
+        assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
+        assert_eq!(harness::threads(), threads);
+        assert_eq!(harness::open_fds(), fds);
     }
-    // The same after a guest-initiated exit and wait().
-    let (b, console, _) = builder("hello");
-    let vm = b.vcpus(2).start().expect("start");
-    assert_eq!(run_to_exit(&vm, &console), ExitReason::Reset);
-    assert_eq!(harness::threads(), threads);
-    assert_eq!(harness::open_fds(), fds);
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use smolvm::devices::BusDevice;
+use smolvm::hypervisor::IrqchipMode;
 use smolvm::{ExitReason, VmBuilder, VmHandle};
 
 #[path = "guests.rs"]
@@ -81,6 +82,15 @@ impl BusDevice for TestPortDevice {
         b[..n].copy_from_slice(&data[..n]);
         self.0.lock().unwrap().push(u32::from_le_bytes(b));
     }
+}
+
+/// Both interrupt-controller modes, for tests whose behaviour must not depend on it.
+pub const IRQCHIP_MODES: [IrqchipMode; 2] = [IrqchipMode::InKernel, IrqchipMode::Split];
+
+/// [`builder`] with the given interrupt-controller mode.
+pub fn builder_in(name: &str, mode: IrqchipMode) -> (VmBuilder, Console, TestPort) {
+    let (b, console, port) = builder(name);
+    (b.irqchip(mode), console, port)
 }
 
 /// A builder for tiny guest `name` with its console and test port captured.
