@@ -214,84 +214,49 @@ fn phases(c: &mut Criterion) {
         });
     }
 
-    g.bench_function("lifecycle_tiny_guest", |b| {
-        b.iter(|| {
-            let out = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let o = out.clone();
-            let vm = VmBuilder::new()
-                .hypervisor(hv.clone())
-                .kernel(&hello)
-                .console_callback(move |d| o.lock().unwrap().extend_from_slice(d))
-                .start()
-                .unwrap();
-            assert_eq!(vm.wait(), ExitReason::Reset);
-            assert_eq!(
-                out.lock().unwrap().as_slice(),
-                guests::HELLO_OUTPUT.as_bytes()
-            );
-        })
-    });
-
-    g.bench_function("teardown_stop_running_vm", |b| {
-        b.iter_batched(
-            || {
+    // Both irqchip modes: with the split irqchip (LAPIC in the kernel, userspace IOAPIC, no
+    // PIC/PIT) VM teardown skips the in-kernel I/O-bus devices' SRCU grace periods.
+    for (suffix, mode) in [("", IrqchipMode::InKernel), ("_split", IrqchipMode::Split)] {
+        g.bench_function(format!("lifecycle_tiny_guest{suffix}"), |b| {
+            b.iter(|| {
+                let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+                let o = out.clone();
                 let vm = VmBuilder::new()
                     .hypervisor(hv.clone())
-                    .kernel(&spin)
+                    .irqchip(mode)
+                    .kernel(&hello)
+                    .console_callback(move |d| o.lock().unwrap().extend_from_slice(d))
                     .start()
                     .unwrap();
-                // Let the guest get going so stop() has to interrupt real guest execution.
-                std::thread::sleep(Duration::from_millis(2));
-                vm
-            },
-            |vm| {
-                assert_eq!(vm.stop(), ExitReason::Stopped);
-                drop(vm);
-            },
-            BatchSize::PerIteration,
-        )
-    });
-    // The same two with the split irqchip (LAPIC in the kernel, userspace IOAPIC, no PIC/PIT):
-    // VM teardown skips the in-kernel I/O-bus devices' SRCU grace periods.
-    g.bench_function("lifecycle_tiny_guest_split", |b| {
-        b.iter(|| {
-            let out = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let o = out.clone();
-            let vm = VmBuilder::new()
-                .hypervisor(hv.clone())
-                .irqchip(IrqchipMode::Split)
-                .kernel(&hello)
-                .console_callback(move |d| o.lock().unwrap().extend_from_slice(d))
-                .start()
-                .unwrap();
-            assert_eq!(vm.wait(), ExitReason::Reset);
-            assert_eq!(
-                out.lock().unwrap().as_slice(),
-                guests::HELLO_OUTPUT.as_bytes()
-            );
-        })
-    });
+                assert_eq!(vm.wait(), ExitReason::Reset);
+                assert_eq!(
+                    out.lock().unwrap().as_slice(),
+                    guests::HELLO_OUTPUT.as_bytes()
+                );
+            })
+        });
 
-    g.bench_function("teardown_stop_running_vm_split", |b| {
-        b.iter_batched(
-            || {
-                let vm = VmBuilder::new()
-                    .hypervisor(hv.clone())
-                    .irqchip(IrqchipMode::Split)
-                    .kernel(&spin)
-                    .start()
-                    .unwrap();
-                // Let the guest get going so stop() has to interrupt real guest execution.
-                std::thread::sleep(Duration::from_millis(2));
-                vm
-            },
-            |vm| {
-                assert_eq!(vm.stop(), ExitReason::Stopped);
-                drop(vm);
-            },
-            BatchSize::PerIteration,
-        )
-    });
+        g.bench_function(format!("teardown_stop_running_vm{suffix}"), |b| {
+            b.iter_batched(
+                || {
+                    let vm = VmBuilder::new()
+                        .hypervisor(hv.clone())
+                        .irqchip(mode)
+                        .kernel(&spin)
+                        .start()
+                        .unwrap();
+                    // Let the guest get going so stop() has to interrupt real guest execution.
+                    std::thread::sleep(Duration::from_millis(2));
+                    vm
+                },
+                |vm| {
+                    assert_eq!(vm.stop(), ExitReason::Stopped);
+                    drop(vm);
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
     g.finish();
 }
 
