@@ -31,7 +31,7 @@ pub struct Kvm {
     caps: Capabilities,
     /// `KVM_GET_SUPPORTED_CPUID` (plus the features KVM reports elsewhere) is the same for
     /// every VM; ask once.
-    supported_cpuid: OnceLock<std::result::Result<CpuId, i32>>,
+    supported_cpuid: OnceLock<std::result::Result<Arc<CpuId>, i32>>,
 }
 
 impl std::fmt::Debug for Kvm {
@@ -103,7 +103,7 @@ impl Kvm {
         })
     }
 
-    fn supported_cpuid(&self) -> Result<CpuId> {
+    fn supported_cpuid(&self) -> Result<Arc<CpuId>> {
         self.supported_cpuid
             .get_or_init(|| {
                 let mut cpuid = self
@@ -114,7 +114,7 @@ impl Kvm {
                     cpuid.as_mut_slice(),
                     self.kvm.check_extension(Cap::TscDeadlineTimer),
                 );
-                Ok(cpuid)
+                Ok(Arc::new(cpuid))
             })
             .clone()
             .map_err(|errno| {

@@ -24,7 +24,7 @@ use crate::hypervisor::{CpuConfig, ExitFailure, Result, Vcpu, VcpuKick, VmExit};
 pub struct KvmVcpu {
     fd: VcpuFd,
     id: u32,
-    cpuid: CpuId,
+    cpuid: Arc<CpuId>,
     kick: Arc<KvmKick>,
     /// The kvm_run area, for the exit details kvm-ioctls does not decode.
     run: *mut kvm_run,
@@ -33,7 +33,7 @@ pub struct KvmVcpu {
 }
 
 impl KvmVcpu {
-    pub(super) fn new(mut fd: VcpuFd, id: u32, cpuid: CpuId) -> Self {
+    pub(super) fn new(mut fd: VcpuFd, id: u32, cpuid: Arc<CpuId>) -> Self {
         let run: *mut kvm_run = fd.get_kvm_run();
         // SAFETY: `run` points into the vCPU's kvm_run mapping, valid for `fd`'s lifetime;
         // taking a field address does not read it.

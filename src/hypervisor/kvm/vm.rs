@@ -1,5 +1,7 @@
 //! [`Vm`] on KVM.
 
+use std::sync::Arc;
+
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, kvm_pit_config, kvm_userspace_memory_region,
     CpuId, KvmIrqRouting,
@@ -28,11 +30,16 @@ use crate::hypervisor::{
 pub struct KvmVm {
     fd: VmFd,
     caps: Capabilities,
-    cpuid: CpuId,
+    /// The VM's CPUID template; each vCPU copies and adjusts it once.
+    cpuid: Arc<CpuId>,
 }
 
 impl KvmVm {
-    pub(super) fn new(kvm: &kvm_ioctls::Kvm, caps: &Capabilities, cpuid: CpuId) -> Result<Self> {
+    pub(super) fn new(
+        kvm: &kvm_ioctls::Kvm,
+        caps: &Capabilities,
+        cpuid: Arc<CpuId>,
+    ) -> Result<Self> {
         let fd = kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
         // Both live in the MMIO gap, where no RAM is mapped; they must be set before vCPUs
         // run (TSS for real-mode emulation on Intel).
