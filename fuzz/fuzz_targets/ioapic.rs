@@ -24,8 +24,7 @@ use libfuzzer_sys::fuzz_target;
 use smolvm::devices::legacy::ioapic::{Ioapic, RedirectionEntry, IOAPIC_NUM_PINS};
 use smolvm::devices::BusDevice;
 use smolvm::hypervisor::{
-    EventFd, GsiRoute, GsiTarget, HypervisorError, IoEventAddress, IrqchipMode, IrqchipOrder,
-    MemoryRegion, Msi, Vcpu, Vm,
+    GsiRoute, GsiTarget, HypervisorError, IrqchipMode, IrqchipOrder, MemoryRegion, Vcpu, Vm,
 };
 
 /// Access sizes selectable by bits 2-4 (the odd ones must be ignored without a panic).
@@ -58,34 +57,9 @@ impl Vm for Recorder {
         }
         Ok(())
     }
-    fn signal_msi(&self, _: Msi) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("fuzzing"))
-    }
     fn set_gsi_routing(&self, routes: &[GsiRoute]) -> smolvm::hypervisor::Result<()> {
         self.tables.lock().unwrap().push(routes.to_vec());
         Ok(())
-    }
-    fn register_irqfd(&self, _: &EventFd, _: u32) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("irqfd"))
-    }
-    fn unregister_irqfd(&self, _: &EventFd, _: u32) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("irqfd"))
-    }
-    fn register_ioeventfd(
-        &self,
-        _: &EventFd,
-        _: IoEventAddress,
-        _: Option<u32>,
-    ) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("ioeventfd"))
-    }
-    fn unregister_ioeventfd(
-        &self,
-        _: &EventFd,
-        _: IoEventAddress,
-        _: Option<u32>,
-    ) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("ioeventfd"))
     }
     fn create_vcpu(&self, _: u32) -> smolvm::hypervisor::Result<Box<dyn Vcpu>> {
         Err(HypervisorError::Unsupported("fuzzing"))

@@ -23,10 +23,7 @@ use std::sync::{Arc, Mutex};
 use libfuzzer_sys::fuzz_target;
 use smolvm::devices::legacy::{self, ConsoleSink, PmControl, Serial, I8042};
 use smolvm::devices::{Bus, InterruptLine, PlatformEvent, PlatformEventSink};
-use smolvm::hypervisor::{
-    EventFd, GsiRoute, HypervisorError, IoEventAddress, IrqchipMode, IrqchipOrder, MemoryRegion,
-    Msi, Vcpu, Vm,
-};
+use smolvm::hypervisor::{HypervisorError, IrqchipMode, IrqchipOrder, MemoryRegion, Vcpu, Vm};
 
 /// A VM that only records interrupt-line changes. It has no irqfd, so the UART's
 /// [`InterruptLine`] takes the `set_irq_line` path, which this checks.
@@ -54,34 +51,6 @@ impl Vm for IrqRecorder {
         let before = self.changes.fetch_add(1, Ordering::Relaxed);
         assert_eq!(level, before & 1 == 0, "the line is pulsed: high, then low");
         Ok(())
-    }
-    fn signal_msi(&self, _: Msi) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("fuzzing"))
-    }
-    fn set_gsi_routing(&self, _: &[GsiRoute]) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("fuzzing"))
-    }
-    fn register_irqfd(&self, _: &EventFd, _: u32) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("irqfd"))
-    }
-    fn unregister_irqfd(&self, _: &EventFd, _: u32) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("irqfd"))
-    }
-    fn register_ioeventfd(
-        &self,
-        _: &EventFd,
-        _: IoEventAddress,
-        _: Option<u32>,
-    ) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("ioeventfd"))
-    }
-    fn unregister_ioeventfd(
-        &self,
-        _: &EventFd,
-        _: IoEventAddress,
-        _: Option<u32>,
-    ) -> smolvm::hypervisor::Result<()> {
-        Err(HypervisorError::Unsupported("ioeventfd"))
     }
     fn create_vcpu(&self, _: u32) -> smolvm::hypervisor::Result<Box<dyn Vcpu>> {
         Err(HypervisorError::Unsupported("fuzzing"))

@@ -276,6 +276,10 @@ pub enum IoEventAddress {
 
 /// A VM: guest memory, the interrupt controller and the vCPUs of one guest.
 ///
+/// The optional capabilities (MSIs, GSI routing, irqfd, ioeventfd) have default bodies that
+/// return [`HypervisorError::Unsupported`], so a backend (or a test double) implements only
+/// what it has; callers fall back to the plain paths on `Unsupported`.
+///
 /// Shared between the VMM, its vCPU threads and its devices (they raise interrupts through
 /// it), so every method takes `&self`.
 ///
@@ -326,8 +330,12 @@ pub trait Vm: Send + Sync {
     /// the offset its API needs.
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()>;
 
-    /// Injects a message-signalled interrupt.
-    fn signal_msi(&self, msi: Msi) -> Result<()>;
+    /// Injects a message-signalled interrupt. The default (for backends without MSIs)
+    /// returns [`HypervisorError::Unsupported`].
+    fn signal_msi(&self, msi: Msi) -> Result<()> {
+        let _ = msi;
+        Err(HypervisorError::Unsupported("MSI injection"))
+    }
 
     /// Replaces the VM's whole GSI routing table with `routes` (GSIs not listed go nowhere).
     /// Irqfds registered on a GSI follow the change. Returns
@@ -347,16 +355,25 @@ pub trait Vm: Send + Sync {
     /// vm.set_irq_line(10, true)?;
     /// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
     /// ```
-    fn set_gsi_routing(&self, routes: &[GsiRoute]) -> Result<()>;
+    fn set_gsi_routing(&self, routes: &[GsiRoute]) -> Result<()> {
+        let _ = routes;
+        Err(HypervisorError::Unsupported("GSI routing"))
+    }
 
     /// Makes every write to `fd` pulse interrupt line `gsi`, without an ioctl per interrupt.
     /// Returns [`HypervisorError::Unsupported`] where the backend has no irqfd (HVF).
     #[cfg(target_os = "linux")]
-    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        let _ = (fd, gsi);
+        Err(HypervisorError::Unsupported("irqfd"))
+    }
 
     /// Undoes [`Vm::register_irqfd`].
     #[cfg(target_os = "linux")]
-    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        let _ = (fd, gsi);
+        Err(HypervisorError::Unsupported("irqfd"))
+    }
 
     /// Makes guest writes to `addr` signal `fd` instead of exiting to the VMM. With
     /// `datamatch`, only writes of that value do; the access width is taken from the value's
@@ -368,7 +385,10 @@ pub trait Vm: Send + Sync {
         fd: &EventFd,
         addr: IoEventAddress,
         datamatch: Option<u32>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let _ = (fd, addr, datamatch);
+        Err(HypervisorError::Unsupported("ioeventfd"))
+    }
 
     /// Undoes [`Vm::register_ioeventfd`].
     #[cfg(target_os = "linux")]
@@ -377,7 +397,10 @@ pub trait Vm: Send + Sync {
         fd: &EventFd,
         addr: IoEventAddress,
         datamatch: Option<u32>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let _ = (fd, addr, datamatch);
+        Err(HypervisorError::Unsupported("ioeventfd"))
+    }
 
     /// Creates vCPU `id` (0-based; on x86 also its APIC id). Call it on the thread that will
     /// run the vCPU: HVF binds vCPUs to their creating thread.

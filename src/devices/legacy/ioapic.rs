@@ -532,8 +532,6 @@ impl BusDevice for Ioapic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[cfg(target_os = "linux")]
-    use crate::hypervisor::IoEventAddress;
     use crate::hypervisor::{GsiTarget, IrqchipMode, IrqchipOrder, MemoryRegion};
     use std::sync::Mutex;
 
@@ -564,49 +562,12 @@ mod tests {
             }
             Ok(())
         }
-        fn signal_msi(&self, _: Msi) -> crate::hypervisor::Result<()> {
-            unimplemented!()
-        }
         fn set_gsi_routing(&self, routes: &[GsiRoute]) -> crate::hypervisor::Result<()> {
             if self.fail_routing.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(HypervisorError::Unsupported("test"));
             }
             self.tables.lock().unwrap().push(routes.to_vec());
             Ok(())
-        }
-        #[cfg(target_os = "linux")]
-        fn register_irqfd(
-            &self,
-            _: &crate::hypervisor::EventFd,
-            _: u32,
-        ) -> crate::hypervisor::Result<()> {
-            Err(HypervisorError::Unsupported("irqfd"))
-        }
-        #[cfg(target_os = "linux")]
-        fn unregister_irqfd(
-            &self,
-            _: &crate::hypervisor::EventFd,
-            _: u32,
-        ) -> crate::hypervisor::Result<()> {
-            Err(HypervisorError::Unsupported("irqfd"))
-        }
-        #[cfg(target_os = "linux")]
-        fn register_ioeventfd(
-            &self,
-            _: &crate::hypervisor::EventFd,
-            _: IoEventAddress,
-            _: Option<u32>,
-        ) -> crate::hypervisor::Result<()> {
-            unimplemented!()
-        }
-        #[cfg(target_os = "linux")]
-        fn unregister_ioeventfd(
-            &self,
-            _: &crate::hypervisor::EventFd,
-            _: IoEventAddress,
-            _: Option<u32>,
-        ) -> crate::hypervisor::Result<()> {
-            unimplemented!()
         }
         fn create_vcpu(
             &self,
