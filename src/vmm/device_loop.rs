@@ -35,6 +35,7 @@ mod linux {
     use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
 
     use crate::devices::virtio::mmio::{MmioSlot, MmioTransport, QUEUE_NOTIFY_OFFSET};
+    use crate::devices::virtio::{HostEvent, HostInterest};
     use crate::hypervisor::{EventFd, HypervisorError, IoEventAddress, Vm};
     use crate::{Error, Result};
 
@@ -57,16 +58,30 @@ mod linux {
         }
     }
 
-    /// One device's queue eventfds, subscribed to the loop.
+    /// One device's event sources, subscribed to the loop: its queue ioeventfds, the host
+    /// descriptors it asked for ([`VirtioDevice::host_events`]), and a retry eventfd that
+    /// brings the loop back to host sources whose device stopped early with work left.
+    ///
+    /// [`VirtioDevice::host_events`]: crate::devices::virtio::VirtioDevice::host_events
     pub(in crate::vmm) struct QueueEvents {
         transport: Arc<Mutex<MmioTransport>>,
         events: Vec<QueueEvent>,
+        host: Vec<HostEvent>,
+        retry: EventFd,
+        /// Host sources to serve again when `retry` fires (no duplicates; bounded by
+        /// `host.len()`).
+        pending: Vec<(u32, HostInterest)>,
     }
 
+    /// Event data of the retry eventfd; queue events use their index, host sources
+    /// `HOST_BASE + index`.
+    const RETRY: u32 = u32::MAX;
+    const HOST_BASE: u32 = 1 << 16;
+
     impl QueueEvents {
-        /// Registers an ioeventfd for each of `queues` queues of the device at `slot`.
-        /// `Ok(None)` when the backend has no ioeventfd: the MMIO exit path serves
-        /// notifications then.
+        /// Registers an ioeventfd for each of `queues` queues of the device at `slot` (none
+        /// when the backend has no ioeventfd: the MMIO exit path serves notifications then)
+        /// and collects the device's host sources. `Ok(None)` when there is nothing to watch.
         ///
         /// # Errors
         /// Creating an eventfd or registering it failed for another reason.
@@ -92,13 +107,74 @@ mod linux {
                     }),
                     Err(HypervisorError::Unsupported(what)) => {
                         log::debug!("no ioeventfd ({what}): queue notifications exit to the VMM");
-                        return Ok(None);
+                        events.clear();
+                        break;
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
-            Ok(Some(QueueEvents { transport, events }))
+            let host = transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device()
+                .host_events();
+            if events.is_empty() && host.is_empty() {
+                return Ok(None);
+            }
+            let retry = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| HypervisorError::backend("eventfd", e))?;
+            Ok(Some(QueueEvents {
+                transport,
+                events,
+                pending: Vec::with_capacity(host.len()),
+                host,
+                retry,
+            }))
         }
+
+        fn serve_host(&mut self, token: u32, ready: HostInterest) {
+            let more = self
+                .transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .host_event(token, ready);
+            if more {
+                if !self.pending.iter().any(|&(t, _)| t == token) {
+                    self.pending.push((token, ready));
+                }
+                if let Err(err) = self.retry.write(1) {
+                    log::error!("device loop: re-signalling host source {token}: {err}");
+                }
+            }
+        }
+    }
+
+    fn interest_to_events(i: HostInterest) -> EventSet {
+        let mut set = EventSet::empty();
+        if i.contains(HostInterest::READABLE) {
+            set |= EventSet::IN;
+        }
+        if i.contains(HostInterest::WRITABLE) {
+            set |= EventSet::OUT;
+        }
+        if i.contains(HostInterest::EDGE_TRIGGERED) {
+            set |= EventSet::EDGE_TRIGGERED;
+        }
+        set
+    }
+
+    fn events_to_ready(set: EventSet) -> HostInterest {
+        let mut ready = HostInterest::empty();
+        if set.contains(EventSet::IN) {
+            ready |= HostInterest::READABLE;
+        }
+        if set.contains(EventSet::OUT) {
+            ready |= HostInterest::WRITABLE;
+        }
+        if set.intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
+            ready |= HostInterest::HANGUP;
+        }
+        ready
     }
 
     impl MutEventSubscriber for QueueEvents {
@@ -108,10 +184,43 @@ mod linux {
                     log::error!("device loop: watching queue {} failed: {err}", e.queue);
                 }
             }
+            for (i, h) in self.host.iter().enumerate() {
+                let ev = Events::with_data_raw(
+                    h.fd,
+                    HOST_BASE + i as u32,
+                    interest_to_events(h.interest),
+                );
+                if let Err(err) = ops.add(ev) {
+                    log::error!(
+                        "device loop: watching host source {} failed: {err}",
+                        h.token
+                    );
+                }
+            }
+            if !self.host.is_empty() {
+                if let Err(err) = ops.add(Events::with_data(&self.retry, RETRY, EventSet::IN)) {
+                    log::error!("device loop: watching the retry event failed: {err}");
+                }
+            }
         }
 
         fn process(&mut self, events: Events, _ops: &mut EventOps) {
-            let Some(e) = self.events.get(events.data() as usize) else {
+            let data = events.data();
+            if data == RETRY {
+                let _ = self.retry.read();
+                for (token, ready) in std::mem::take(&mut self.pending) {
+                    self.serve_host(token, ready);
+                }
+                return;
+            }
+            if data >= HOST_BASE {
+                if let Some(h) = self.host.get((data - HOST_BASE) as usize) {
+                    let token = h.token;
+                    self.serve_host(token, events_to_ready(events.event_set()));
+                }
+                return;
+            }
+            let Some(e) = self.events.get(data as usize) else {
                 return;
             };
             // Consume the notification (EAGAIN: a spurious wake-up, nothing to consume).

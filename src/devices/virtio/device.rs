@@ -85,6 +85,55 @@ pub enum ActivateError {
     Backend(String),
 }
 
+bitflags::bitflags! {
+    /// Readiness of a host file descriptor: what a device asks the event loop to watch for
+    /// ([`HostEvent::interest`]) and what the loop reports ([`VirtioDevice::host_event`]).
+    ///
+    /// # Example
+    /// ```
+    /// use smolvm::devices::virtio::HostInterest;
+    /// let i = HostInterest::READABLE | HostInterest::EDGE_TRIGGERED;
+    /// assert!(i.contains(HostInterest::READABLE));
+    /// ```
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct HostInterest: u32 {
+        /// Data can be read (or a listening socket has a connection to accept).
+        const READABLE = 1;
+        /// Data can be written.
+        const WRITABLE = 1 << 1;
+        /// The peer hung up or the descriptor is in error (reported, never requested).
+        const HANGUP = 1 << 2;
+        /// Report transitions only (epoll `EPOLLET`): the device must drain the descriptor
+        /// until it would block, or remember that it did not. The way to watch a source the
+        /// device cannot always serve (a TAP while the guest posted no receive buffers)
+        /// without the loop spinning on it.
+        const EDGE_TRIGGERED = 1 << 3;
+    }
+}
+
+/// A host file descriptor (a TAP device, a timer, a socket multiplexer's epoll) that a device
+/// wants the device event loop to watch, so host-side I/O drives it as guest notifications do.
+///
+/// The set is fixed for the device's lifetime: the loop asks [`VirtioDevice::host_events`]
+/// once when the VM starts. A device whose sources come and go (vsock connections) watches
+/// them through one epoll descriptor of its own and lists that.
+///
+/// # Example
+/// ```
+/// use smolvm::devices::virtio::{HostEvent, HostInterest};
+/// let e = HostEvent { fd: 0, token: 7, interest: HostInterest::READABLE };
+/// assert_eq!(e.token, 7);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostEvent {
+    /// The descriptor; it must stay open as long as the device exists.
+    pub fd: std::os::raw::c_int,
+    /// Passed back to [`VirtioDevice::host_event`] to say which source is ready.
+    pub token: u32,
+    /// What to watch for.
+    pub interest: HostInterest,
+}
+
 /// A virtio device type, driven by a transport.
 ///
 /// Calls arrive from the transport's thread of execution (a vCPU thread on the MMIO exit
@@ -173,4 +222,22 @@ pub trait VirtioDevice: Send {
     /// the state before activation. In-flight requests are abandoned (the driver will not look
     /// at their used entries).
     fn reset(&mut self);
+
+    /// Host descriptors that drive the device besides queue notifications (see
+    /// [`HostEvent`]). Asked once, when the VM starts; none by default.
+    fn host_events(&self) -> Vec<HostEvent> {
+        Vec::new()
+    }
+
+    /// The host source registered with `token` is ready (`ready` holds READABLE, WRITABLE
+    /// and/or HANGUP). Called whether or not the device is activated: a device that cannot
+    /// serve the source now must consume or disarm it (or watch it edge-triggered and
+    /// remember), or a level-triggered source would make the loop spin.
+    ///
+    /// Returns `true`, like [`queue_notify`](Self::queue_notify), when it stopped early with
+    /// work left: the loop calls again after serving its other events.
+    fn host_event(&mut self, token: u32, ready: HostInterest) -> bool {
+        let _ = (token, ready);
+        false
+    }
 }

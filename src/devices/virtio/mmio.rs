@@ -413,6 +413,16 @@ impl MmioTransport {
         }
     }
 
+    /// A host source of the device ([`VirtioDevice::host_events`]) is ready: forwarded to
+    /// [`VirtioDevice::host_event`] whether or not the driver activated the device (the device
+    /// decides what it can serve). Returns the device's "work left" answer.
+    ///
+    /// # Example
+    /// `let more = transport.lock().unwrap().host_event(0, HostInterest::READABLE);`
+    pub fn host_event(&mut self, token: u32, ready: super::HostInterest) -> bool {
+        self.device.host_event(token, ready)
+    }
+
     fn selected_queue(&self) -> Option<&Queue> {
         self.queues.get(self.queue_sel as usize)
     }

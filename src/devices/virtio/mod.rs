@@ -37,7 +37,9 @@ pub mod device;
 pub mod mmio;
 pub mod queue;
 
-pub use device::{ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
+pub use device::{
+    ActivateContext, ActivateError, HostEvent, HostInterest, VirtioDevice, VirtioInterrupt,
+};
 pub use mmio::{MmioAllocator, MmioSlot, MmioTransport};
 pub use queue::{Descriptor, DescriptorChain, Queue, QueueError};
 
