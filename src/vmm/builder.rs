@@ -251,6 +251,47 @@ struct Devices {
     queue_events: Vec<super::device_loop::QueueEvents>,
 }
 
+/// Places virtio devices on their slots: transport, MMIO window, queue ioeventfds and host
+/// event sources, in the order the slots were allocated (the order the kernel command line
+/// announces them).
+struct VirtioWiring<'a> {
+    vm: &'a Arc<dyn Vm>,
+    memory: &'a GuestMemory,
+    mmio: &'a mut Bus,
+    slots: std::slice::Iter<'a, MmioSlot>,
+    #[cfg(target_os = "linux")]
+    queue_events: Vec<super::device_loop::QueueEvents>,
+}
+
+impl VirtioWiring<'_> {
+    fn attach(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(MmioSlot, Arc<Mutex<MmioTransport>>)> {
+        let slot = *self
+            .slots
+            .next()
+            .ok_or_else(|| Error::Config("more virtio devices than allocated slots".into()))?;
+        let queues = device.queue_max_sizes().len();
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            self.memory.clone(),
+            InterruptLine::new(self.vm, slot.irq)?,
+        )));
+        check_not_ram(self.memory, slot.addr, slot.len)?;
+        self.mmio.insert(slot.addr, slot.len, transport.clone())?;
+        #[cfg(target_os = "linux")]
+        if let Some(e) =
+            super::device_loop::QueueEvents::register(self.vm, slot, queues, transport.clone())?
+        {
+            self.queue_events.push(e);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = queues;
+        Ok((slot, transport))
+    }
+}
+
 impl Devices {
     /// The legacy devices at their fixed ports, the IOAPIC in split mode, and the caller's
     /// devices (taken out of `cfg`).
@@ -296,37 +337,30 @@ impl Devices {
             check_not_ram(memory, d.base, d.len)?;
             mmio.insert(d.base, d.len, d.device)?;
         }
-        let mut block_devices = Vec::with_capacity(slots.len());
-        #[cfg(target_os = "linux")]
-        let mut queue_events = Vec::new();
-        for (disk, &slot) in cfg.block_devices.drain(..).zip(slots) {
+        let mut virtio = VirtioWiring {
+            vm,
+            memory,
+            mmio: &mut mmio,
+            slots: slots.iter(),
+            #[cfg(target_os = "linux")]
+            queue_events: Vec::new(),
+        };
+        let mut block_devices = Vec::with_capacity(cfg.block_devices.len());
+        for disk in cfg.block_devices.drain(..) {
             let stats = Arc::new(Mutex::new(BlockStats::default()));
             let device = PublishedBlock {
                 inner: Block::new(disk),
                 stats: stats.clone(),
             };
-            let queues = device.queue_max_sizes().len();
-            let transport = Arc::new(Mutex::new(MmioTransport::new(
-                Box::new(device),
-                memory.clone(),
-                InterruptLine::new(vm, slot.irq)?,
-            )));
-            check_not_ram(memory, slot.addr, slot.len)?;
-            mmio.insert(slot.addr, slot.len, transport.clone())?;
-            #[cfg(target_os = "linux")]
-            if let Some(e) =
-                super::device_loop::QueueEvents::register(vm, slot, queues, transport.clone())?
-            {
-                queue_events.push(e);
-            }
-            #[cfg(not(target_os = "linux"))]
-            let _ = queues;
+            let (slot, transport) = virtio.attach(Box::new(device))?;
             block_devices.push(BlockDeviceInfo {
                 slot,
                 stats,
                 _transport: transport,
             });
         }
+        #[cfg(target_os = "linux")]
+        let queue_events = virtio.queue_events;
         Ok(Devices {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),

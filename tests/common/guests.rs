@@ -35,6 +35,7 @@ pub const GUESTS: &[&str] = &[
     "irq",
     "spin",
     "virtio_blk",
+    "virtio_net",
 ];
 
 /// The 32-bit port the guests report events to (APIC ids, IRQ acks, heartbeats).
