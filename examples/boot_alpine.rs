@@ -127,6 +127,20 @@ fn main() -> ExitCode {
         }
     };
 
+    // Stop early, with the reason and the fix, where no Linux kernel can boot (a missing or
+    // inaccessible /dev/kvm, or a software hypervisor such as kvm_pvm) instead of starting a
+    // guest that would hang or fail deep inside the kernel. `cargo run --example doctor`
+    // prints the full host report.
+    let report = smolvm::probe();
+    if !report.can_boot_linux() {
+        eprintln!(
+            "error: this host cannot boot a Linux guest: {}\n(run `cargo run --example doctor` \
+             for the full host report)",
+            report.linux_blocker().unwrap_or_default()
+        );
+        return ExitCode::from(2);
+    }
+
     let mut cmdline = match &args.cmdline {
         Some(s) => KernelCmdline::parse(s),
         None => KernelCmdline::default(),

@@ -12,6 +12,7 @@
 //!   table, page tables, GDT).
 //! - [`devices`]: the port-I/O/MMIO bus and the legacy devices (16550 serial console, i8042
 //!   reset, power-off register).
+//! - [`probe`]: what this host can run, and how to fix what it cannot (`examples/doctor.rs`).
 //! - [`vmm`]: the lifecycle — [`VmBuilder`] (configuration) → [`VmHandle`] (a running VM with
 //!   `wait`, `pause`, `resume`, `stop`).
 //!
@@ -39,7 +40,9 @@ pub mod devices;
 mod error;
 pub mod hypervisor;
 pub mod memory;
+pub mod probe;
 pub mod vmm;
 
 pub use error::{Error, Result};
+pub use probe::probe;
 pub use vmm::{ExitReason, VmBuilder, VmHandle, VmState};

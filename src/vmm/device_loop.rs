@@ -1,15 +1,20 @@
 //! The device event loop: one thread per VM (`smolvm-devices`) that serves virtio queue
-//! notifications caught by ioeventfds, off the vCPU threads.
+//! notifications caught by ioeventfds and the devices' host-side sources (a TAP device, rate
+//! limiter timers, the vsock multiplexer), off the vCPU threads.
 //!
 //! Each virtio-mmio device gets one eventfd per queue, registered with the hypervisor at the
 //! device's QueueNotify register with the queue index as datamatch: a guest write there
 //! signals the eventfd without a VM exit, and the loop calls
-//! [`MmioTransport::notify_queue`]. A device that stops early with work left (bounded work per
-//! notification) gets its eventfd signalled again, so the loop comes back to it after serving
-//! the other ready events instead of monopolising the thread.
+//! [`MmioTransport::notify_queue`]. Host descriptors a device lists in
+//! [`VirtioDevice::host_events`](crate::devices::virtio::VirtioDevice::host_events) are
+//! watched the same way and delivered through [`MmioTransport::host_event`]. A device that
+//! stops early with work left (bounded work per event) is called again after the other ready
+//! events: its queue eventfd is signalled again, or, for a host source, a per-device retry
+//! eventfd is, so one busy device cannot monopolise the thread.
 //!
-//! Where the backend has no ioeventfd (and on non-Linux hosts) no loop runs: QueueNotify
-//! writes exit to the vCPU thread and the transport serves them there.
+//! Where the backend has no ioeventfd (and on non-Linux hosts) QueueNotify writes exit to the
+//! vCPU thread and the transport serves them there; host sources still need the loop, which
+//! runs whenever any device has one.
 
 #[cfg(target_os = "linux")]
 pub(super) use linux::{DeviceLoop, QueueEvents};

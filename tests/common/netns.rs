@@ -81,8 +81,7 @@ impl NetNs {
         let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
-                let ns = std::fs::File::open(&path)
-                    .unwrap_or_else(|e| panic!("open {path}: {e}"));
+                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
                 // SAFETY: setns on this thread only, with a namespace fd we own; the thread
                 // ends when the scope does, so no other code runs in the namespace by accident.
                 let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -172,14 +171,7 @@ impl PacketSocket {
     /// Sends one complete Ethernet frame.
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         // SAFETY: `frame` is valid for its length.
-        let n = unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-            )
-        };
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -238,8 +230,7 @@ impl PacketSocket {
                 }
                 return Err(e);
             }
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 || from.sll_ifindex != self.ifindex
-            {
+            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 || from.sll_ifindex != self.ifindex {
                 continue;
             }
             return Ok(Some(buf[..n as usize].to_vec()));
