@@ -48,7 +48,8 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// ```
 pub const AGENT_PORT: u32 = 52;
 
-/// Bytes in a frame header: the `u32` length and the type byte.
+/// Bytes in a frame header: the `u32` length and the type byte (a frame's length field counts
+/// the type byte, not itself).
 ///
 /// # Example
 /// ```
@@ -305,46 +306,72 @@ impl fmt::Display for ReadFrameError {
 
 impl std::error::Error for ReadFrameError {}
 
-/// Checks a frame header: returns the frame type and payload length.
+/// Checks a frame's length field (the first 4 bytes) and returns the length of the rest of
+/// the frame (type byte + payload). A receiver checks it before it waits for more bytes.
 ///
 /// # Example
 /// ```
-/// use smolvm::agent::protocol::parse_header;
-/// assert_eq!(parse_header([3, 0, 0, 0, 0x02]), Ok((0x02, 2)));
+/// use smolvm::agent::protocol::{parse_len, DecodeError};
+/// assert_eq!(parse_len([3, 0, 0, 0]), Ok(3));
+/// assert_eq!(parse_len([0, 0, 0, 0]), Err(DecodeError::EmptyFrame));
 /// ```
-pub fn parse_header(h: [u8; HEADER_LEN]) -> Result<(u8, usize), DecodeError> {
-    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+pub fn parse_len(h: [u8; 4]) -> Result<usize, DecodeError> {
+    let len = u32::from_le_bytes(h);
     if len == 0 {
         return Err(DecodeError::EmptyFrame);
     }
     if len as usize > MAX_FRAME_LEN {
         return Err(DecodeError::FrameTooLarge { len });
     }
-    Ok((h[4], len as usize - 1))
+    Ok(len as usize)
 }
 
 /// Splits the first frame off `bytes`: `Ok(Some((type, payload, bytes used)))`, `Ok(None)`
-/// when more bytes are needed, or the header's error.
+/// when more bytes are needed, or the length field's error (reported as soon as its 4 bytes
+/// are there).
 ///
 /// # Example
 /// ```
 /// use smolvm::agent::protocol::split_frame;
 /// assert_eq!(split_frame(&[1, 0, 0, 0, 0x02, 9]), Ok(Some((0x02, &[][..], 5))));
 /// assert_eq!(split_frame(&[2, 0, 0, 0, 0x02]), Ok(None));
+/// assert!(split_frame(&[0, 0, 0, 0]).is_err());
 /// ```
 pub fn split_frame(bytes: &[u8]) -> Result<Option<(u8, &[u8], usize)>, DecodeError> {
-    let Some(h) = bytes.get(..HEADER_LEN) else {
+    let Some(h) = bytes.get(..4) else {
         return Ok(None);
     };
-    let (t, len) = parse_header([h[0], h[1], h[2], h[3], h[4]])?;
-    Ok(bytes
-        .get(HEADER_LEN..HEADER_LEN + len)
-        .map(|p| (t, p, HEADER_LEN + len)))
+    let len = parse_len([h[0], h[1], h[2], h[3]])?;
+    Ok(bytes.get(4..4 + len).map(|f| (f[0], &f[1..], 4 + len)))
+}
+
+fn read_full<R: Read + ?Sized>(
+    r: &mut R,
+    b: &mut [u8],
+    first: bool,
+) -> Result<bool, ReadFrameError> {
+    let mut got = 0;
+    while got < b.len() {
+        match r.read(&mut b[got..]) {
+            Ok(0) if got == 0 && first => return Ok(false),
+            Ok(0) => {
+                return Err(ReadFrameError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed inside a frame",
+                )))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadFrameError::Io(e)),
+        }
+    }
+    Ok(true)
 }
 
 /// Reads one frame from `r` into `buf` (replacing its contents with the payload) and returns
-/// its type; `Ok(None)` on a clean end of stream before the first header byte. The payload
-/// buffer grows only as bytes arrive.
+/// its type; `Ok(None)` on a clean end of stream before the first byte of a frame. The length
+/// field is checked before anything else is read, and the payload buffer grows only as bytes
+/// arrive.
 ///
 /// # Example
 /// ```
@@ -360,35 +387,26 @@ pub fn read_frame<R: Read + ?Sized>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<u8>, ReadFrameError> {
-    let mut h = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match r.read(&mut h[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => {
-                return Err(ReadFrameError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed inside a frame header",
-                )))
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ReadFrameError::Io(e)),
-        }
+    let mut h = [0u8; 4];
+    if !read_full(r, &mut h, true)? {
+        return Ok(None);
     }
-    let (t, len) = parse_header(h).map_err(ReadFrameError::Decode)?;
+    let len = parse_len(h).map_err(ReadFrameError::Decode)?;
+    let mut t = [0u8; 1];
+    read_full(r, &mut t, false)?;
+    let payload = len - 1;
     buf.clear();
     let n = r
-        .take(len as u64)
+        .take(payload as u64)
         .read_to_end(buf)
         .map_err(ReadFrameError::Io)?;
-    if n < len {
+    if n < payload {
         return Err(ReadFrameError::Io(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "connection closed inside a frame",
         )));
     }
-    Ok(Some(t))
+    Ok(Some(t[0]))
 }
 
 /// A protocol error code carried by [`Response::Error`]. Unknown codes from newer peers are
@@ -1255,7 +1273,7 @@ mod tests {
 
     #[test]
     fn header_errors() {
-        assert_eq!(split_frame(&[0, 0, 0, 0, 1]), Err(DecodeError::EmptyFrame));
+        assert_eq!(split_frame(&[0, 0, 0, 0]), Err(DecodeError::EmptyFrame));
         let big = (MAX_FRAME_LEN as u32 + 1).to_le_bytes();
         assert_eq!(
             split_frame(&[big[0], big[1], big[2], big[3], 1]),
@@ -1264,6 +1282,9 @@ mod tests {
             })
         );
         assert_eq!(split_frame(&[1, 0, 0]), Ok(None));
+        // A zero length is refused without waiting for a type byte that will never come.
+        let e = read_frame(&mut &[0u8, 0, 0, 0][..], &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, ReadFrameError::Decode(DecodeError::EmptyFrame)));
         // A truncated stream is an I/O error, not a panic or a hang.
         let mut buf = Vec::new();
         let e = read_frame(&mut &[9u8, 0, 0, 0, 2, 1][..], &mut buf).unwrap_err();
