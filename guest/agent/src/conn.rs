@@ -96,7 +96,9 @@ impl Conn {
                     left -= self.buf.len() as u64;
                     continue;
                 }
-                Ok(_) => format!("a request (type {t:#04x}) arrived while {left} data bytes were still expected"),
+                Ok(_) => format!(
+                    "a request (type {t:#04x}) arrived while {left} data bytes were still expected"
+                ),
                 Err(e) => format!("{e}"),
             };
             self.send_error(

@@ -60,8 +60,8 @@ pub fn run(c: &mut Conn, req: ExecRequest) -> io::Result<()> {
             );
         }
     };
-    let deadline = (req.timeout_ms > 0)
-        .then(|| Instant::now() + Duration::from_millis(req.timeout_ms));
+    let deadline =
+        (req.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(req.timeout_ms));
     let pumped = Pump {
         stdin: child.stdin.take(),
         stdin_data: stdin,
@@ -96,18 +96,17 @@ pub fn run(c: &mut Conn, req: ExecRequest) -> io::Result<()> {
 /// Waits for the child (the pipes are closed or abandoned), enforcing what is left of the
 /// deadline.
 fn finish(child: &mut Child, deadline: Option<Instant>, timed_out: bool) -> io::Result<ExitStatus> {
-    let mut pause = Duration::from_micros(100);
     if !timed_out {
-        loop {
-            if let Some(s) = child.try_wait()? {
-                return Ok(convert(s));
-            }
-            // It closed its output but runs on: poll with backoff until it ends or time is up.
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                break;
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
+        let Some(deadline) = deadline else {
+            return child.wait().map(convert);
+        };
+        // The pipes are closed, so it has almost always exited already.
+        if let Some(s) = child.try_wait()? {
+            return Ok(convert(s));
+        }
+        // It closed its output but runs on: wait until it exits or time is up.
+        if sys::wait_exit_until(child.id(), deadline) {
+            return child.wait().map(convert);
         }
     }
     sys::kill_group(child.id());

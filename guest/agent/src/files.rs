@@ -107,7 +107,11 @@ pub fn read(c: &mut Conn, path: &[u8]) -> io::Result<()> {
         // Devices and pipes have no size and may never end.
         return c.send_error(
             ErrorCode::INVALID_ARGUMENT,
-            if meta.is_dir() { libc::EISDIR } else { libc::EINVAL },
+            if meta.is_dir() {
+                libc::EISDIR
+            } else {
+                libc::EINVAL
+            },
             format!("{} is not a regular file", path.display()),
         );
     }

@@ -16,9 +16,8 @@ fn check(r: libc::c_int) -> io::Result<libc::c_int> {
 /// A listening `AF_VSOCK` stream socket on `port`, any CID.
 pub fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = check(unsafe {
-        libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
-    })?;
+    let fd =
+        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
@@ -149,4 +148,61 @@ pub fn wait_any() -> io::Result<(i32, i32)> {
     // SAFETY: `status` is a valid int to write into.
     let pid = check(unsafe { libc::waitpid(-1, &mut status, 0) })?;
     Ok((pid, status))
+}
+
+/// Waits until process `pid` (a child) has exited or `deadline` passes, without reaping it;
+/// `true` if it exited. Uses a pidfd (Linux 5.3+), else polls with backoff.
+pub fn wait_exit_until(pid: u32, deadline: std::time::Instant) -> bool {
+    use std::time::{Duration, Instant};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd >= 0 {
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut fds = [libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            let ms = left.as_millis().min(i32::MAX as u128) as i32 + 1;
+            if let Ok(n) = poll(&mut fds, ms) {
+                if n > 0 {
+                    return true;
+                }
+            }
+        }
+    }
+    let mut pause = Duration::from_micros(100);
+    loop {
+        let mut info: libc::siginfo_t = unsafe_zeroed_siginfo();
+        // SAFETY: `info` is a valid siginfo_t to write into; WNOWAIT leaves the child
+        // unreaped for the caller's wait.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: reading si_pid of a siginfo_t that waitid filled (or left zeroed).
+        if r == 0 && unsafe { info.si_pid() } != 0 {
+            return true;
+        }
+        if r != 0 || Instant::now() >= deadline {
+            return r != 0;
+        }
+        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+fn unsafe_zeroed_siginfo() -> libc::siginfo_t {
+    // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
 }
