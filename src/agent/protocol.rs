@@ -337,6 +337,7 @@ pub fn parse_len(h: [u8; 4]) -> Result<usize, DecodeError> {
 /// assert_eq!(split_frame(&[2, 0, 0, 0, 0x02]), Ok(None));
 /// assert!(split_frame(&[0, 0, 0, 0]).is_err());
 /// ```
+#[allow(clippy::type_complexity)] // (type, payload, bytes used): clearer spelled out
 pub fn split_frame(bytes: &[u8]) -> Result<Option<(u8, &[u8], usize)>, DecodeError> {
     let Some(h) = bytes.get(..4) else {
         return Ok(None);
@@ -1136,7 +1137,13 @@ pub fn decode_response(t: u8, payload: &[u8]) -> Result<Response, DecodeError> {
             Response::Exit(match k {
                 0 => ExitStatus::Exited(v),
                 1 => ExitStatus::Signaled(v),
-                2 => ExitStatus::TimedOut,
+                2 if v == 0 => ExitStatus::TimedOut,
+                2 => {
+                    return Err(DecodeError::Invalid {
+                        what: "exit value",
+                        why: "must be 0 for a timeout",
+                    })
+                }
                 _ => {
                     return Err(DecodeError::Invalid {
                         what: "exit kind",
@@ -1365,5 +1372,7 @@ mod tests {
         assert!(e.validate().is_err());
         assert!(decode_response(kind::ERROR, &[1, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0xff, 0xfe]).is_err());
         assert_eq!(DecodeError::EmptyFrame.code(), ErrorCode::MALFORMED);
+        // Found by fuzzing: a timeout with a non-zero value would not re-encode identically.
+        assert!(decode_response(kind::EXIT, &[2, 2, 2, 2, 0]).is_err());
     }
 }
