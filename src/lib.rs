@@ -12,6 +12,7 @@
 //!   table, page tables, GDT).
 //! - [`devices`]: the port-I/O/MMIO bus and the legacy devices (16550 serial console, i8042
 //!   reset, power-off register).
+//! - [`agent`]: the host side of the guest agent (run commands, copy files in a running VM).
 //! - [`probe`]: what this host can run, and how to fix what it cannot (`examples/doctor.rs`).
 //! - [`vmm`]: the lifecycle — [`VmBuilder`] (configuration) → [`VmHandle`] (a running VM with
 //!   `wait`, `pause`, `resume`, `stop`).
@@ -34,6 +35,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod arch;
 pub mod boot;
 pub mod devices;
