@@ -111,6 +111,15 @@ fn ioctl_ifreq(fd: RawFd, req: libc::Ioctl, ifr: &mut libc::ifreq) -> io::Result
     }
 }
 
+/// Any AF_INET socket carries the interface ioctls (the TAP descriptor does not).
+fn config_socket(name: &str) -> Result<std::net::UdpSocket, NetError> {
+    std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| NetError::Ioctl {
+        name: name.into(),
+        op: "creating a configuration socket",
+        source: e,
+    })
+}
+
 fn map_err(name: &str, op: &'static str, e: io::Error) -> NetError {
     match e.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => NetError::PermissionDenied { op, source: e },
@@ -207,13 +216,7 @@ impl Tap {
             }
         }
         let tap = Tap::open(cfg.name.as_deref().unwrap_or("smolvm%d"))?;
-        // Any AF_INET socket carries the interface ioctls.
-        let sock =
-            std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| NetError::Ioctl {
-                name: tap.name.clone(),
-                op: "creating a configuration socket",
-                source: e,
-            })?;
+        let sock = config_socket(&tap.name)?;
         let fd = sock.as_raw_fd();
         let name = if_name(&tap.name)?;
         let tap_name = tap.name.clone();
@@ -274,8 +277,9 @@ impl Tap {
     /// ```
     pub fn if_index(&self) -> Result<u32, NetError> {
         let mut ifr = ifreq(if_name(&self.name)?);
+        let sock = config_socket(&self.name)?;
         ioctl_ifreq(
-            self.file.as_raw_fd(),
+            sock.as_raw_fd(),
             libc::SIOCGIFINDEX as libc::Ioctl,
             &mut ifr,
         )
