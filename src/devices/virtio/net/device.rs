@@ -272,7 +272,9 @@ impl<B: NetBackend> Net<B> {
     /// See [`Net`].
     pub fn new(backend: B, config: NetConfig) -> Result<Self, NetError> {
         let qs = config.queue_size;
-        if !qs.is_power_of_two() || qs < 2 || qs > crate::devices::virtio::queue::MAX_QUEUE_SIZE {
+        if !qs.is_power_of_two()
+            || !(2..=crate::devices::virtio::queue::MAX_QUEUE_SIZE).contains(&qs)
+        {
             return Err(NetError::InvalidQueueSize(qs));
         }
         let mac = config.mac.unwrap_or_else(random_mac);
