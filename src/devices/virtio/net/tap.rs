@@ -43,7 +43,10 @@ pub struct TapConfig {
     pub mtu: Option<u32>,
 }
 
-/// A TAP device (see the [module documentation](self)).
+/// A TAP device opened `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, non-blocking, with a 12-byte
+/// vnet header: the [`NetBackend`] for a [`Net`](super::Net) on Linux. One made by
+/// [`Tap::create`] is non-persistent: it disappears when this value (its descriptor) is
+/// dropped, so a stopped VM leaves no interface behind.
 ///
 /// # Example
 /// ```no_run
