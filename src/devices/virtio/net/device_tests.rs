@@ -1182,6 +1182,31 @@ mod tap_tests {
             }
         }
         assert!(found, "frame sent on {name} never reached the guest");
+
+        // A 64 KiB TCPv4 TSO frame with its GSO header is accepted by the TAP as is.
+        let mut tso = vec![0u8; 65536];
+        tso[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x77]); // not the host: dropped there
+        tso[6..12].copy_from_slice(&mac);
+        tso[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        tso[14] = 0x45;
+        tso[16..18].copy_from_slice(&65522u16.to_be_bytes());
+        tso[22] = 64;
+        tso[23] = 6;
+        tso[26..30].copy_from_slice(&[10, 213, 8, 2]);
+        tso[30..34].copy_from_slice(&[10, 213, 8, 1]);
+        tso[46] = 5 << 4;
+        tso[47] = 0x10;
+        let th = hdr(
+            VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            VIRTIO_NET_HDR_GSO_TCPV4,
+            1448,
+            34,
+            16,
+        );
+        h.send(&th, &tso, &[12, 54, 4096]);
+        h.dev.queue_notify(TX_QUEUE);
+        let s = h.dev.stats();
+        assert_eq!((s.tx_frames, s.tx_backend_errors), (2, 0), "{s:?}");
         drop(h);
         assert!(!exists(&name));
     }

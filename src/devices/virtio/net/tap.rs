@@ -381,3 +381,47 @@ impl NetBackend for Tap {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_errors_say_what_to_do() {
+        let e = map_err(
+            "tap0",
+            "TUNSETIFF",
+            io::Error::from_raw_os_error(libc::EPERM),
+        );
+        assert!(matches!(e, NetError::PermissionDenied { .. }));
+        assert!(
+            e.to_string().contains("needs CAP_NET_ADMIN (run as root"),
+            "{e}"
+        );
+        let e = map_err(
+            "tap0",
+            "SIOCSIFMTU",
+            io::Error::from_raw_os_error(libc::EINVAL),
+        );
+        assert!(matches!(e, NetError::Ioctl { .. }));
+        assert!(e.to_string().contains("tap0") && e.to_string().contains("SIOCSIFMTU"));
+    }
+
+    #[test]
+    fn names_and_addresses_are_encoded_for_the_kernel() {
+        let n = if_name("smolvm%d").unwrap();
+        assert_eq!(
+            n[..8].iter().map(|&c| c as u8).collect::<Vec<_>>(),
+            b"smolvm%d"
+        );
+        assert!(n[8..].iter().all(|&c| c == 0), "NUL-terminated");
+        assert!(if_name("fifteen-chars-x").is_ok());
+        assert!(if_name("sixteen-chars-xx").is_err());
+        let a = sockaddr(Ipv4Addr::new(10, 1, 2, 3));
+        assert_eq!(a.sa_family, libc::AF_INET as libc::sa_family_t);
+        assert_eq!(
+            a.sa_data[..6].iter().map(|&c| c as u8).collect::<Vec<_>>(),
+            [0, 0, 10, 1, 2, 3]
+        );
+    }
+}
