@@ -94,10 +94,19 @@ fn activate(dev: &mut Net<MemBackend>, mem: &GuestMemoryMmap<()>, size: u16, fea
 
 fn check_sent(frame: &[u8], features: u64) {
     let has = |bit: u32| features & (1u64 << bit) != 0;
-    assert!(frame.len() >= VNET_HDR_LEN + MIN_FRAME_LEN, "short frame sent");
-    assert!(frame.len() <= VNET_HDR_LEN + MAX_FRAME_LEN, "oversized frame sent");
+    assert!(
+        frame.len() >= VNET_HDR_LEN + MIN_FRAME_LEN,
+        "short frame sent"
+    );
+    assert!(
+        frame.len() <= VNET_HDR_LEN + MAX_FRAME_LEN,
+        "oversized frame sent"
+    );
     let (flags, gso) = (frame[0], frame[1]);
-    assert!(flags & !VIRTIO_NET_HDR_F_NEEDS_CSUM == 0, "bad flags {flags:#x}");
+    assert!(
+        flags & !VIRTIO_NET_HDR_F_NEEDS_CSUM == 0,
+        "bad flags {flags:#x}"
+    );
     if flags != 0 {
         assert!(has(VIRTIO_NET_F_CSUM));
     }
@@ -156,7 +165,10 @@ fuzz_target!(|data: &[u8]| {
     let clock = Arc::new(ManualClock::default());
     if flags & 32 != 0 {
         let rx = RateLimit {
-            bytes: Some(BucketConfig { rate: 20_000, burst: 10_000 }),
+            bytes: Some(BucketConfig {
+                rate: 20_000,
+                burst: 10_000,
+            }),
             ops: None,
         };
         let tx = RateLimit {
