@@ -5,10 +5,13 @@
 //! - [`legacy`]: the PC devices a microVM keeps: 16550 serial console, i8042 (reset only)
 //!   and the ACPI power-management control register (power-off); and, for the split irqchip,
 //!   a userspace IOAPIC.
+//! - [`rate_limiter`]: token buckets (bytes/s, operations/s) that devices use to cap what one
+//!   guest can take from the host.
 
 pub mod bus;
 pub mod irq;
 pub mod legacy;
+pub mod rate_limiter;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -19,7 +19,9 @@
 //!   overlays).
 //! - [`mmio`]: the virtio-mmio transport (register window, interrupt status, queue
 //!   notifications) and the allocator of device windows and interrupt lines.
-//! - planned: `net` and `vsock`.
+//! - [`net`]: virtio-net over a TAP device (or any backend), with offloads, mergeable receive
+//!   buffers and per-direction rate limits.
+//! - planned: `vsock`.
 //!
 //! The constants below are the transport-independent parts of the specification: reserved
 //! feature bits (section 6), device status bits (section 2.1) and device IDs (section 5).
@@ -35,6 +37,7 @@
 pub mod block;
 pub mod device;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 
 pub use device::{
