@@ -36,6 +36,9 @@ pub enum Error {
     /// A device range collides with another.
     #[error("cannot add device: {0}")]
     Bus(#[from] BusError),
+    /// A virtio-net backend could not be set up (TAP device missing, no CAP_NET_ADMIN, ...).
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetError),
     /// The configuration is incomplete or inconsistent.
     #[error("invalid VM configuration: {0}")]
     Config(String),

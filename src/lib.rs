@@ -47,4 +47,4 @@ pub mod vmm;
 
 pub use error::{Error, Result};
 pub use probe::probe;
-pub use vmm::{ExitReason, VmBuilder, VmHandle, VmState};
+pub use vmm::{ExitReason, NetDevice, VmBuilder, VmHandle, VmState};

@@ -8,13 +8,17 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegio
 use super::config::VmBuilder;
 use super::control::Control;
 use super::device_loop::DeviceLoop;
-use super::handle::{BlockDeviceInfo, Resources, VmHandle};
+use super::handle::{BlockDeviceInfo, NetDeviceInfo, Resources, VmHandle};
+use super::net_config::NetBackendSpec;
 use super::vcpu_thread::{self, Startup, VcpuContext};
 use super::ExitReason;
 use crate::arch::x86_64::layout;
 use crate::devices::legacy::{self, Ioapic, PmControl, Serial, I8042};
 use crate::devices::virtio::block::{Block, BlockStats, Disk};
 use crate::devices::virtio::mmio::{MmioAllocError, MmioAllocator, MmioSlot, MmioTransport};
+#[cfg(target_os = "linux")]
+use crate::devices::virtio::net::Tap;
+use crate::devices::virtio::net::{Net, NetBackend};
 use crate::devices::virtio::{ActivateContext, ActivateError, VirtioDevice};
 use crate::devices::{Bus, InterruptLine, PlatformEvent, PlatformEventSink};
 #[cfg(target_arch = "x86_64")]
@@ -97,7 +101,7 @@ fn validate(cfg: &VmBuilder, hv: &dyn Hypervisor) -> Result<()> {
 fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
     // Virtio-mmio devices are announced on the kernel command line, so their slots are
     // decided before the command line is written into guest memory.
-    let slots = allocate_virtio_slots(cfg.block_devices.len())?;
+    let slots = allocate_virtio_slots(cfg.block_devices.len() + cfg.net_devices.len())?;
     for slot in &slots {
         cfg.cmdline.push_param(&slot.kernel_cmdline_arg());
     }
@@ -150,6 +154,7 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
             serial: devices.serial,
             ioapic: devices.ioapic,
             block_devices: devices.block_devices,
+            net_devices: devices.net_devices,
         })),
         halt_probe: cfg.halt_probe,
     })
@@ -246,6 +251,7 @@ struct Devices {
     /// The userspace IOAPIC in split-irqchip mode.
     ioapic: Option<Arc<Mutex<Ioapic>>>,
     block_devices: Vec<BlockDeviceInfo>,
+    net_devices: Vec<NetDeviceInfo>,
     /// Queue ioeventfds of the virtio devices, for the device event loop.
     #[cfg(target_os = "linux")]
     queue_events: Vec<super::device_loop::QueueEvents>,
@@ -359,6 +365,39 @@ impl Devices {
                 _transport: transport,
             });
         }
+        let mut net_devices = Vec::with_capacity(cfg.net_devices.len());
+        for dev in cfg.net_devices.drain(..) {
+            let (backend, interface): (Box<dyn NetBackend>, Option<String>) = match dev.backend {
+                #[cfg(target_os = "linux")]
+                NetBackendSpec::Tap(tap) => {
+                    let name = tap.name().to_string();
+                    (Box::new(tap), Some(name))
+                }
+                #[cfg(target_os = "linux")]
+                NetBackendSpec::OpenTap(name) => {
+                    let tap = Tap::open(&name)?;
+                    (Box::new(tap), Some(name))
+                }
+                #[cfg(target_os = "linux")]
+                NetBackendSpec::CreateTap(config) => {
+                    let tap = Tap::create(&config)?;
+                    let name = tap.name().to_string();
+                    (Box::new(tap), Some(name))
+                }
+                NetBackendSpec::Custom(b) => (b, None),
+            };
+            let net = Net::new(backend, dev.config)?;
+            let stats = net.stats_handle();
+            let mac = net.mac();
+            let (slot, transport) = virtio.attach(Box::new(net))?;
+            net_devices.push(NetDeviceInfo {
+                slot,
+                stats,
+                mac,
+                interface,
+                _transport: transport,
+            });
+        }
         #[cfg(target_os = "linux")]
         let queue_events = virtio.queue_events;
         Ok(Devices {
@@ -367,6 +406,7 @@ impl Devices {
             serial,
             ioapic,
             block_devices,
+            net_devices,
             #[cfg(target_os = "linux")]
             queue_events,
         })

@@ -56,6 +56,7 @@ pub struct VmBuilder {
     pub(super) pio_devices: Vec<ExtraDevice>,
     pub(super) mmio_devices: Vec<ExtraDevice>,
     pub(super) block_devices: Vec<Box<dyn Disk>>,
+    pub(super) net_devices: Vec<super::NetDevice>,
     pub(super) halt_probe: Option<Duration>,
     pub(super) require_hardware_virtualization: bool,
     pub(super) irqchip: IrqchipMode,
@@ -78,6 +79,7 @@ impl std::fmt::Debug for VmBuilder {
             .field("console", &self.console)
             .field("irqchip", &self.irqchip)
             .field("block_devices", &self.block_devices.len())
+            .field("net_devices", &self.net_devices)
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +104,7 @@ impl VmBuilder {
             pio_devices: Vec::new(),
             mmio_devices: Vec::new(),
             block_devices: Vec::new(),
+            net_devices: Vec::new(),
             halt_probe: Some(DEFAULT_HALT_PROBE),
             require_hardware_virtualization: false,
             irqchip: IrqchipMode::InKernel,
@@ -300,6 +303,25 @@ impl VmBuilder {
     /// ```
     pub fn block_device(mut self, disk: impl Disk + 'static) -> Self {
         self.block_devices.push(Box::new(disk));
+        self
+    }
+
+    /// Adds a virtio-net card (see [`NetDevice`](super::NetDevice) for backends, MAC and rate
+    /// limits). Cards take the virtio-mmio slots after the block devices, in the order added;
+    /// the guest sees them as `eth0`, `eth1`, ... A TAP the VM creates
+    /// ([`NetDevice::create_tap`](super::NetDevice::create_tap)) is removed when the VM stops.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = smolvm::VmBuilder::new()
+    ///     .kernel("vmlinux")
+    ///     .net_device(smolvm::NetDevice::open_tap("tap0"))
+    ///     .start()?;
+    /// println!("guest MAC {:02x?}", vm.net_mac(0)?);
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn net_device(mut self, device: super::NetDevice) -> Self {
+        self.net_devices.push(device);
         self
     }
 

@@ -10,6 +10,7 @@ use super::ExitReason;
 use crate::devices::legacy::{Ioapic, Serial};
 use crate::devices::virtio::block::BlockStats;
 use crate::devices::virtio::mmio::{MmioSlot, MmioTransport};
+use crate::devices::virtio::net::{NetStats, NetStatsHandle};
 use crate::devices::InterruptLine;
 use crate::hypervisor::Vm;
 use crate::memory::GuestMemory;
@@ -48,6 +49,24 @@ pub(super) struct Resources {
     /// The virtio-blk devices, in [`VmBuilder::block_device`](super::VmBuilder::block_device)
     /// order.
     pub block_devices: Vec<BlockDeviceInfo>,
+    /// The virtio-net devices, in [`VmBuilder::net_device`](super::VmBuilder::net_device)
+    /// order.
+    pub net_devices: Vec<NetDeviceInfo>,
+}
+
+/// A virtio-net device of the VM.
+pub(super) struct NetDeviceInfo {
+    /// Where the guest finds it.
+    pub slot: MmioSlot,
+    /// Its counters (atomics the device updates; read without the transport lock).
+    pub stats: NetStatsHandle,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// The host interface behind it (TAP backends).
+    pub interface: Option<String>,
+    /// Keeps the device (and its TAP, which a VM-created TAP's lifetime follows) alive
+    /// exactly as long as the VM's resources.
+    pub _transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// A virtio-blk device of the VM.
@@ -368,7 +387,100 @@ impl VmHandle {
         })
     }
 
-    fn with_resources<T>(&self, op: &'static str, f: impl FnOnce(&Resources) -> T) -> Result<T> {
+    /// Counters of the `index`-th network card (in
+    /// [`VmBuilder::net_device`](super::VmBuilder::net_device) order): frames and bytes each
+    /// way, and every drop by reason.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when there is no such device, [`Error::InvalidState`] after the VM
+    /// exited.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let vm = smolvm::VmBuilder::new()
+    ///     .kernel("vmlinux")
+    ///     .net_device(smolvm::NetDevice::open_tap("tap0"))
+    ///     .start()?;
+    /// let s = vm.net_stats(0)?;
+    /// println!("rx {} tx {} dropped {}", s.rx_frames, s.tx_frames, s.tx_dropped());
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn net_stats(&self, index: usize) -> Result<NetStats> {
+        self.with_net(index, "read network device stats", |d| d.stats.snapshot())
+    }
+
+    /// The guest MAC address of the `index`-th network card.
+    ///
+    /// # Errors
+    /// As [`net_stats`](Self::net_stats).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm: smolvm::VmHandle = unimplemented!();
+    /// let mac = vm.net_mac(0)?;
+    /// assert_eq!(mac[0] & 0x03, 0x02, "locally administered unicast");
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn net_mac(&self, index: usize) -> Result<[u8; 6]> {
+        self.with_net(index, "read a network device's MAC", |d| d.mac)
+    }
+
+    /// The host interface (TAP) behind the `index`-th network card, `None` for a custom
+    /// backend.
+    ///
+    /// # Errors
+    /// As [`net_stats`](Self::net_stats).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm: smolvm::VmHandle = unimplemented!();
+    /// println!("guest traffic on {:?}", vm.net_interface_name(0)?);
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn net_interface_name(&self, index: usize) -> Result<Option<String>> {
+        self.with_net(index, "read a network device's interface", |d| {
+            d.interface.clone()
+        })
+    }
+
+    /// Where the guest finds the `index`-th network card, `None` if there is no such device.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] after the VM exited.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # let vm: smolvm::VmHandle = unimplemented!();
+    /// println!("{:?}", vm.net_slot(0)?);
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    pub fn net_slot(&self, index: usize) -> Result<Option<MmioSlot>> {
+        self.with_resources("read network device slots", |r| {
+            r.net_devices.get(index).map(|d| d.slot)
+        })
+    }
+
+    fn with_net<T>(
+        &self,
+        index: usize,
+        op: &'static str,
+        f: impl FnOnce(&NetDeviceInfo) -> T,
+    ) -> Result<T> {
+        self.with_resources(op, |r| {
+            r.net_devices.get(index).map(f).ok_or_else(|| {
+                Error::Config(format!(
+                    "no network device {index}: the VM has {} (indices from 0)",
+                    r.net_devices.len()
+                ))
+            })
+        })?
+    }
+
+    pub(super) fn with_resources<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Resources) -> T,
+    ) -> Result<T> {
         let res = self.resources.lock().unwrap_or_else(|e| e.into_inner());
         res.as_ref().map(f).ok_or(Error::InvalidState {
             op,

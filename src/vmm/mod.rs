@@ -10,8 +10,10 @@ mod control;
 mod device_loop;
 mod exit;
 mod handle;
+mod net_config;
 mod vcpu_thread;
 
 pub use config::VmBuilder;
 pub use exit::ExitReason;
 pub use handle::{VmHandle, VmState};
+pub use net_config::NetDevice;

@@ -60,6 +60,21 @@ impl NetNs {
         run_ip(&["netns", "add", &name])?;
         let ns = NetNs { name };
         ns.ip(&["link", "set", "lo", "up"])?;
+        // No IPv6 on new interfaces: otherwise the kernel sends router solicitations and MLD
+        // reports through every TAP it brings up, and tests see frames they did not send.
+        for key in ["default", "all"] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns.name, "sysctl", "-qw"])
+                .arg(format!("net.ipv6.conf.{key}.disable_ipv6=1"))
+                .output()
+                .map_err(|e| format!("running sysctl in the namespace: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "disabling IPv6 in the namespace: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
         Ok(ns)
     }
 
@@ -230,7 +245,7 @@ impl PacketSocket {
                 }
                 return Err(e);
             }
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 || from.sll_ifindex != self.ifindex {
+            if from.sll_pkttype == libc::PACKET_OUTGOING || from.sll_ifindex != self.ifindex {
                 continue;
             }
             return Ok(Some(buf[..n as usize].to_vec()));
