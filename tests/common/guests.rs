@@ -36,6 +36,7 @@ pub const GUESTS: &[&str] = &[
     "spin",
     "virtio_blk",
     "virtio_net",
+    "virtio_vsock",
 ];
 
 /// The 32-bit port the guests report events to (APIC ids, IRQ acks, heartbeats).
