@@ -19,7 +19,9 @@
 //!   overlays).
 //! - [`mmio`]: the virtio-mmio transport (register window, interrupt status, queue
 //!   notifications) and the allocator of device windows and interrupt lines.
-//! - planned: `net` and `vsock`.
+//! - `vsock` (Linux hosts): virtio-vsock stream sockets bridged to host Unix sockets
+//!   (Firecracker-compatible `CONNECT <port>` protocol) and to an in-process API.
+//! - planned: `net`.
 //!
 //! The constants below are the transport-independent parts of the specification: reserved
 //! feature bits (section 6), device status bits (section 2.1) and device IDs (section 5).
@@ -36,6 +38,9 @@ pub mod block;
 pub mod device;
 pub mod mmio;
 pub mod queue;
+/// Linux only: the host side multiplexes sockets with epoll and eventfd.
+#[cfg(target_os = "linux")]
+pub mod vsock;
 
 pub use device::{
     ActivateContext, ActivateError, HostEvent, HostInterest, VirtioDevice, VirtioInterrupt,
