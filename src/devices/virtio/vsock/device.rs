@@ -119,7 +119,9 @@ pub enum VsockError {
         len: usize,
     },
     /// Something exists at the socket path already.
-    #[error("vsock socket path {0:?} already exists: remove the stale socket or choose another path")]
+    #[error(
+        "vsock socket path {0:?} already exists: remove the stale socket or choose another path"
+    )]
     PathExists(PathBuf),
     /// Binding the listening socket failed.
     #[error("cannot create the vsock socket at {path:?}: {source} (does the directory exist and is it writable?)")]
@@ -564,7 +566,10 @@ fn handle_tx(
     }
     let payload: &[u8] = if op == Op::Rw {
         let n = hdr.len as usize;
-        if chain.read_exact_at(mem, HDR_LEN as u64, &mut scratch[..n]).is_err() {
+        if chain
+            .read_exact_at(mem, HDR_LEN as u64, &mut scratch[..n])
+            .is_err()
+        {
             muxer.stats.dropped_packets += 1;
             muxer.abort(&hdr);
             return;

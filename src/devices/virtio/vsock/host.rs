@@ -144,12 +144,12 @@ impl VsockHost {
         };
         match self.shared.requests.try_send(req) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("{MAX_PENDING_REQUESTS} vsock connect requests already pending; retry later"),
-                ))
-            }
+            Err(TrySendError::Full(_)) => return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{MAX_PENDING_REQUESTS} vsock connect requests already pending; retry later"
+                ),
+            )),
             Err(TrySendError::Disconnected(_)) => {
                 return Err(io::Error::new(
                     io::ErrorKind::NotConnected,
@@ -160,18 +160,20 @@ impl VsockHost {
         self.shared.wake.write(1)?;
         match answer.recv_timeout(timeout) {
             Ok(Ok(())) => Ok(ours),
-            Ok(Err(kind)) => Err(io::Error::new(
-                kind,
-                match kind {
-                    io::ErrorKind::ConnectionRefused => {
-                        format!("guest refused the connection to vsock port {port} (nobody listens)")
-                    }
-                    io::ErrorKind::ConnectionAborted => {
-                        "the vsock device is at its connection limit".to_string()
-                    }
-                    _ => format!("connection to guest vsock port {port} failed"),
-                },
-            )),
+            Ok(Err(kind)) => {
+                Err(io::Error::new(
+                    kind,
+                    match kind {
+                        io::ErrorKind::ConnectionRefused => {
+                            format!("guest refused the connection to vsock port {port} (nobody listens)")
+                        }
+                        io::ErrorKind::ConnectionAborted => {
+                            "the vsock device is at its connection limit".to_string()
+                        }
+                        _ => format!("connection to guest vsock port {port} failed"),
+                    },
+                ))
+            }
             Err(RecvTimeoutError::Timeout) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
@@ -277,7 +279,10 @@ impl VsockListener {
         self.rx.recv_timeout(timeout).map_err(|e| match e {
             RecvTimeoutError::Timeout => io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("no guest connection to vsock port {} within {timeout:?}", self.port),
+                format!(
+                    "no guest connection to vsock port {} within {timeout:?}",
+                    self.port
+                ),
             ),
             RecvTimeoutError::Disconnected => gone(),
         })
@@ -285,7 +290,10 @@ impl VsockListener {
 }
 
 fn gone() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "the vsock device no longer exists")
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the vsock device no longer exists",
+    )
 }
 
 impl Drop for VsockListener {

@@ -208,9 +208,9 @@ impl Muxer {
                         // A fresh socket always has room for a few bytes.
                         (&conn.stream).write_all(line.as_bytes()).is_ok()
                     }
-                    Origin::InProcess(reply) => reply
-                        .take()
-                        .is_some_and(|r| r.try_send(Ok(())).is_ok()),
+                    Origin::InProcess(reply) => {
+                        reply.take().is_some_and(|r| r.try_send(Ok(())).is_ok())
+                    }
                     Origin::Guest => true,
                 };
                 if !ok {
@@ -248,7 +248,8 @@ impl Muxer {
                 }
             }
             (ConnState::Established, Op::Shutdown) => {
-                conn.guest_shutdown |= hdr.flags & (VSOCK_SHUTDOWN_F_SEND | VSOCK_SHUTDOWN_F_RECEIVE);
+                conn.guest_shutdown |=
+                    hdr.flags & (VSOCK_SHUTDOWN_F_SEND | VSOCK_SHUTDOWN_F_RECEIVE);
             }
             (ConnState::Established, Op::CreditUpdate) => {}
             (ConnState::Established, Op::CreditRequest) => conn.pending |= pending::CREDIT_UPDATE,
@@ -379,7 +380,10 @@ impl Muxer {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.readable = false,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        log::debug!("vsock: reading host stream of port {}: {e}", conn.local_port);
+                        log::debug!(
+                            "vsock: reading host stream of port {}: {e}",
+                            conn.local_port
+                        );
                         conn.readable = false;
                         conn.read_eof = true;
                         conn.write_closed = true;
@@ -417,9 +421,6 @@ impl Muxer {
                 return None;
             }
         };
-        if op == Op::CreditUpdate || op == Op::Rw {
-            conn.pending &= !pending::CREDIT_UPDATE;
-        }
         conn.last_fwd_cnt_sent = conn.fwd_cnt;
         h.op = op as u16;
         Some(h)
@@ -482,7 +483,10 @@ impl Muxer {
                 }
             };
             let ev = EpollEvent::new(EventSet::IN, token(KIND_CLIENT, i));
-            if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), ev) {
+            if let Err(e) = self
+                .epoll
+                .ctl(ControlOperation::Add, stream.as_raw_fd(), ev)
+            {
                 log::warn!("vsock: cannot watch a Unix client: {e}");
                 self.free_clients.push(i);
                 continue;
@@ -585,7 +589,10 @@ impl Muxer {
         let mut local = self.next_local_port;
         for _ in 0..=MAX_CONNECTIONS {
             local = self.next_local_port;
-            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
             if !self.by_key.contains_key(&(local, port)) {
                 break;
             }
@@ -625,7 +632,10 @@ impl Muxer {
                     }
                 }
                 Err(e) => {
-                    log::debug!("vsock: writing host stream of port {}: {e}", conn.local_port);
+                    log::debug!(
+                        "vsock: writing host stream of port {}: {e}",
+                        conn.local_port
+                    );
                     conn.write_closed = true;
                     conn.discard_buffer();
                 }
@@ -866,7 +876,12 @@ mod tests {
             b"CONNECT +5\n",
             b"\n",
         ] {
-            assert_eq!(parse_connect(bad), None, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                parse_connect(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
