@@ -21,7 +21,8 @@
 //!   notifications) and the allocator of device windows and interrupt lines.
 //! - [`net`]: virtio-net over a TAP device (or any backend), with offloads, mergeable receive
 //!   buffers and per-direction rate limits.
-//! - planned: `vsock`.
+//! - `vsock` (Linux hosts): virtio-vsock stream sockets bridged to host Unix sockets
+//!   (Firecracker-compatible `CONNECT <port>` protocol) and to an in-process API.
 //!
 //! The constants below are the transport-independent parts of the specification: reserved
 //! feature bits (section 6), device status bits (section 2.1) and device IDs (section 5).
@@ -39,6 +40,9 @@ pub mod device;
 pub mod mmio;
 pub mod net;
 pub mod queue;
+/// Linux only: the host side multiplexes sockets with epoll and eventfd.
+#[cfg(target_os = "linux")]
+pub mod vsock;
 
 pub use device::{
     ActivateContext, ActivateError, HostEvent, HostInterest, VirtioDevice, VirtioInterrupt,
