@@ -62,4 +62,21 @@ pub enum Error {
         /// The VM's state.
         state: &'static str,
     },
+    /// The vsock device could not be created (bad guest CID, unusable socket path, ...).
+    #[cfg(target_os = "linux")]
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// A vsock connection to or from the guest failed (`ConnectionRefused`: nothing listens
+    /// on that guest port; `TimedOut`: the guest did not answer).
+    #[error("vsock {op}: {source}")]
+    VsockIo {
+        /// What was attempted (`connect to guest port 52`, `listen on host port 9000`).
+        op: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest agent failed or reported an error (see [`AgentError`](crate::agent::AgentError)).
+    #[error(transparent)]
+    Agent(Box<crate::agent::AgentError>),
 }

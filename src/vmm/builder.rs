@@ -8,6 +8,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegio
 use super::config::VmBuilder;
 use super::control::Control;
 use super::device_loop::DeviceLoop;
+#[cfg(target_os = "linux")]
+use super::handle::VsockInfo;
 use super::handle::{BlockDeviceInfo, NetDeviceInfo, Resources, VmHandle};
 use super::net_config::NetBackendSpec;
 use super::vcpu_thread::{self, Startup, VcpuContext};
@@ -101,7 +103,12 @@ fn validate(cfg: &VmBuilder, hv: &dyn Hypervisor) -> Result<()> {
 fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
     // Virtio-mmio devices are announced on the kernel command line, so their slots are
     // decided before the command line is written into guest memory.
-    let slots = allocate_virtio_slots(cfg.block_devices.len() + cfg.net_devices.len())?;
+    #[cfg(target_os = "linux")]
+    let vsock_count = usize::from(cfg.vsock.is_some());
+    #[cfg(not(target_os = "linux"))]
+    let vsock_count = 0;
+    let slots =
+        allocate_virtio_slots(cfg.block_devices.len() + cfg.net_devices.len() + vsock_count)?;
     for slot in &slots {
         cfg.cmdline.push_param(&slot.kernel_cmdline_arg());
     }
@@ -155,6 +162,8 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
             ioapic: devices.ioapic,
             block_devices: devices.block_devices,
             net_devices: devices.net_devices,
+            #[cfg(target_os = "linux")]
+            vsock: devices.vsock,
         })),
         halt_probe: cfg.halt_probe,
     })
@@ -252,6 +261,8 @@ struct Devices {
     ioapic: Option<Arc<Mutex<Ioapic>>>,
     block_devices: Vec<BlockDeviceInfo>,
     net_devices: Vec<NetDeviceInfo>,
+    #[cfg(target_os = "linux")]
+    vsock: Option<VsockInfo>,
     /// Queue ioeventfds of the virtio devices, for the device event loop.
     #[cfg(target_os = "linux")]
     queue_events: Vec<super::device_loop::QueueEvents>,
@@ -399,6 +410,22 @@ impl Devices {
             });
         }
         #[cfg(target_os = "linux")]
+        let vsock = match cfg.vsock.take() {
+            Some(config) => {
+                let device = crate::devices::virtio::vsock::Vsock::new(config)?;
+                let host = device.host();
+                let guest_cid = device.guest_cid();
+                let (slot, transport) = virtio.attach(Box::new(device))?;
+                Some(VsockInfo {
+                    slot,
+                    host,
+                    guest_cid,
+                    _transport: transport,
+                })
+            }
+            None => None,
+        };
+        #[cfg(target_os = "linux")]
         let queue_events = virtio.queue_events;
         Ok(Devices {
             pio: Arc::new(pio),
@@ -407,6 +434,8 @@ impl Devices {
             ioapic,
             block_devices,
             net_devices,
+            #[cfg(target_os = "linux")]
+            vsock,
             #[cfg(target_os = "linux")]
             queue_events,
         })

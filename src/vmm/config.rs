@@ -57,6 +57,8 @@ pub struct VmBuilder {
     pub(super) mmio_devices: Vec<ExtraDevice>,
     pub(super) block_devices: Vec<Box<dyn Disk>>,
     pub(super) net_devices: Vec<super::NetDevice>,
+    #[cfg(target_os = "linux")]
+    pub(super) vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
     pub(super) halt_probe: Option<Duration>,
     pub(super) require_hardware_virtualization: bool,
     pub(super) irqchip: IrqchipMode,
@@ -105,6 +107,8 @@ impl VmBuilder {
             mmio_devices: Vec::new(),
             block_devices: Vec::new(),
             net_devices: Vec::new(),
+            #[cfg(target_os = "linux")]
+            vsock: None,
             halt_probe: Some(DEFAULT_HALT_PROBE),
             require_hardware_virtualization: false,
             irqchip: IrqchipMode::InKernel,
@@ -322,6 +326,32 @@ impl VmBuilder {
     /// ```
     pub fn net_device(mut self, device: super::NetDevice) -> Self {
         self.net_devices.push(device);
+        self
+    }
+
+    /// Adds a virtio-vsock device: stream sockets between the guest (CID `config.guest_cid`,
+    /// at least 3) and the host. The host side is reachable in-process
+    /// ([`VmHandle::vsock_connect`](super::VmHandle::vsock_connect),
+    /// [`VmHandle::vsock_listen`](super::VmHandle::vsock_listen), the agent calls such as
+    /// [`VmHandle::exec`](super::VmHandle::exec)) and, with
+    /// [`VsockConfig::uds_path`](crate::devices::virtio::vsock::VsockConfig::uds_path),
+    /// through Firecracker-compatible Unix sockets. It takes the virtio-mmio slot after the
+    /// block and network devices. A second call replaces the first.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use smolvm::devices::virtio::vsock::VsockConfig;
+    /// let vm = smolvm::VmBuilder::new()
+    ///     .kernel("vmlinux")
+    ///     .vsock(VsockConfig::new(3).uds_path("/tmp/vm1.vsock"))
+    ///     .start()?;
+    /// vm.wait_agent_ready(Duration::from_secs(5))?;
+    /// # Ok::<(), smolvm::Error>(())
+    /// ```
+    #[cfg(target_os = "linux")]
+    pub fn vsock(mut self, config: crate::devices::virtio::vsock::VsockConfig) -> Self {
+        self.vsock = Some(config);
         self
     }
 

@@ -52,6 +52,22 @@ pub(super) struct Resources {
     /// The virtio-net devices, in [`VmBuilder::net_device`](super::VmBuilder::net_device)
     /// order.
     pub net_devices: Vec<NetDeviceInfo>,
+    /// The vsock device ([`VmBuilder::vsock`](super::VmBuilder::vsock)).
+    #[cfg(target_os = "linux")]
+    pub vsock: Option<VsockInfo>,
+}
+
+/// The VM's vsock device.
+#[cfg(target_os = "linux")]
+pub(super) struct VsockInfo {
+    /// Where the guest finds it.
+    pub slot: MmioSlot,
+    /// The in-process host side (connect, listen).
+    pub host: crate::devices::virtio::vsock::VsockHost,
+    /// The guest's context id.
+    pub guest_cid: u64,
+    /// Keeps the device (its muxer, sockets and socket files) alive as long as the VM.
+    pub _transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// A virtio-net device of the VM.
@@ -218,6 +234,11 @@ impl VmHandle {
         }
         self.control.resume();
         Ok(())
+    }
+
+    /// Why the VM stopped, `None` while it runs or is paused.
+    pub(super) fn exit_reason(&self) -> Option<ExitReason> {
+        self.control.exit_reason()
     }
 
     /// The VM's current state.

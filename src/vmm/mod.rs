@@ -9,11 +9,15 @@ mod config;
 mod control;
 mod device_loop;
 mod exit;
+#[cfg(target_os = "linux")]
+mod guest_access;
 mod handle;
 mod net_config;
 mod vcpu_thread;
 
 pub use config::VmBuilder;
 pub use exit::ExitReason;
+#[cfg(target_os = "linux")]
+pub use guest_access::AGENT_CONNECT_TIMEOUT;
 pub use handle::{VmHandle, VmState};
 pub use net_config::NetDevice;
