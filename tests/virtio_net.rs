@@ -166,12 +166,19 @@ fn echo_test(mode: IrqchipMode, tag: &str) {
     });
     assert!(found, "no receive buffer holds the last injected frame");
 
-    let echoes: Vec<u32> = port
-        .values()
-        .into_iter()
-        .filter(|v| v & 0xf00 == 0x200)
-        .collect();
-    assert_eq!(echoes.len(), frames.len(), "one echo report per frame");
+    // The guest reports each echo just after queueing it, so the last report may trail the
+    // echo the test already received.
+    let echo_reports = || {
+        port.values()
+            .into_iter()
+            .filter(|v| v & 0xf00 == 0x200)
+            .count()
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while echo_reports() < frames.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(echo_reports(), frames.len(), "one echo report per frame");
 
     // The device counts a frame just after handing it over, so the counters may trail the
     // echo the test already read by a moment.
