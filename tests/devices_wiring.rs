@@ -183,3 +183,63 @@ fn more_block_devices_than_slots_is_a_config_error() {
         other => panic!("expected Error::Config, got {other:?}"),
     }
 }
+
+/// Block, network and vsock devices take consecutive slots in that order, and a VM with all
+/// of them (a vsock socket file included) leaves no thread, descriptor or file behind.
+#[test]
+fn net_and_vsock_take_the_slots_after_block_and_leave_nothing_behind() {
+    use smolvm::devices::virtio::net::MemBackend;
+    use smolvm::devices::virtio::vsock::VsockConfig;
+    use smolvm::NetDevice;
+
+    let _g = serial();
+    if !can_run() {
+        return;
+    }
+    // Warm-up: the first VM opens the process-wide /dev/kvm handle, which stays open.
+    let (b, console, _) = builder("hello");
+    let vm = b.start().expect("start");
+    run_to_exit(&vm, &console);
+    drop(vm);
+
+    let base = TempImage::new("mixed", 1 << 20);
+    let sock = std::env::temp_dir().join(format!("smolvm-wiring-{}.vsock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let (fds, threads) = (harness::open_fds(), harness::threads());
+    let (b, console, _) = builder("spin");
+    let vm = b
+        .irqchip(IrqchipMode::Split)
+        .block_device(DiskImage::open(&base.0, DiskMode::ReadOnly).unwrap())
+        .net_device(NetDevice::backend(Box::new(MemBackend::default())).mac([2, 0, 0, 0, 0, 9]))
+        .vsock(VsockConfig::new(7).uds_path(&sock))
+        .start()
+        .expect("start");
+    assert!(console.wait_for(guests::SPIN_OUTPUT, harness::WATCHDOG));
+    let cmdline = guest_cmdline(&vm);
+    for (i, (addr, irq)) in [(0xd000_0000u64, 5u32), (0xd000_1000, 6), (0xd000_2000, 7)]
+        .iter()
+        .enumerate()
+    {
+        let arg = format!("virtio_mmio.device=4K@{addr:#x}:{irq}");
+        assert!(
+            cmdline.contains(&arg),
+            "device {i}: {arg} not in {cmdline:?}"
+        );
+    }
+    assert_eq!(vm.block_slot(0).unwrap().map(|s| s.addr), Some(0xd000_0000));
+    assert_eq!(vm.net_slot(0).unwrap().map(|s| s.addr), Some(0xd000_1000));
+    assert_eq!(vm.vsock_slot().unwrap().map(|s| s.addr), Some(0xd000_2000));
+    assert_eq!(vm.net_mac(0).unwrap(), [2, 0, 0, 0, 0, 9]);
+    assert_eq!(vm.net_interface_name(0).unwrap(), None);
+    assert_eq!(vm.vsock_cid().unwrap(), Some(7));
+    assert!(matches!(vm.net_stats(1), Err(Error::Config(_))));
+    assert!(
+        sock.exists(),
+        "the vsock socket file is created with the VM"
+    );
+    assert_eq!(vm.stop(), ExitReason::Stopped);
+    assert_eq!(harness::threads(), threads, "threads left after stop()");
+    assert_eq!(harness::open_fds(), fds, "descriptors left after stop()");
+    assert!(!sock.exists(), "the vsock socket file outlived the VM");
+    assert!(matches!(vm.net_stats(0), Err(Error::InvalidState { .. })));
+}
