@@ -120,6 +120,29 @@ pub const fn vcpu_mpidr(index: u32) -> u64 {
     (1 << 31) | (i & 0xf) | (((i >> 4) & 0xff) << 8) | (((i >> 12) & 0xff) << 16)
 }
 
+/// `KVM_ARM_IRQ_TYPE_SPI`, in bits 27..24 of `KVM_IRQ_LINE`'s `irq` field.
+const KVM_ARM_IRQ_TYPE_SPI: u32 = 1;
+const KVM_ARM_IRQ_TYPE_SHIFT: u32 = 24;
+/// Interrupt ids are 10 bits in `KVM_IRQ_LINE`'s encoding; SPIs end at INTID 1019.
+const MAX_SPI_INTID: u32 = 1019;
+
+/// The `irq` field of `KVM_IRQ_LINE` for shared peripheral interrupt `spi` (counted from 0):
+/// `KVM_ARM_IRQ_TYPE_SPI << 24 | INTID`, with INTID = `spi + 32` (KVM API documentation,
+/// `KVM_IRQ_LINE`, "ARM/arm64"). `None` beyond the GIC's last SPI.
+///
+/// # Example
+/// ```
+/// use smolvm::arch::aarch64::regs::kvm_irq_line_spi;
+/// assert_eq!(kvm_irq_line_spi(0), Some(0x0100_0020)); // INTID 32
+/// assert_eq!(kvm_irq_line_spi(5000), None);
+/// ```
+pub const fn kvm_irq_line_spi(spi: u32) -> Option<u32> {
+    if spi > MAX_SPI_INTID - 32 {
+        return None;
+    }
+    Some((KVM_ARM_IRQ_TYPE_SPI << KVM_ARM_IRQ_TYPE_SHIFT) | (spi + 32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +166,16 @@ mod tests {
         // SCTLR_EL1 = S3_0_C1_C0_0; KVM_REG_ARM_TIMER_CNT = ARM64_SYS_REG(3, 3, 14, 3, 2).
         assert_eq!(sys_reg_id(3, 0, 1, 0, 0), 0x6030_0000_0013_c080);
         assert_eq!(sys_reg_id(3, 3, 14, 3, 2), 0x6030_0000_0013_df1a);
+    }
+
+    #[test]
+    fn irq_line_encoding_matches_the_kvm_api() {
+        // type (bits 27..24) = 1 (SPI), vcpu_index (23..16) = 0, irq_id (15..0) = INTID.
+        assert_eq!(kvm_irq_line_spi(0), Some(0x0100_0020));
+        assert_eq!(kvm_irq_line_spi(16), Some(0x0100_0030));
+        assert_eq!(kvm_irq_line_spi(987), Some(0x0100_03fb));
+        assert_eq!(kvm_irq_line_spi(988), None);
+        assert_eq!(kvm_irq_line_spi(u32::MAX), None);
     }
 
     #[test]

@@ -178,7 +178,7 @@ impl Tap {
             .ifr_name
             .iter()
             .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
+            .map(|&c| c.to_ne_bytes()[0]) // c_char: i8 on x86_64, u8 on aarch64
             .collect();
         let name = String::from_utf8_lossy(&kernel_name).into_owned();
         let hdr_len = VNET_HDR_LEN as libc::c_int;
