@@ -681,7 +681,7 @@ fn align4(v: usize) -> usize {
 }
 
 /// Everything the generated device tree describes that is not fixed by the
-/// [layout](super::layout).
+/// [`layout`].
 ///
 /// # Example
 /// ```

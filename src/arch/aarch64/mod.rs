@@ -4,7 +4,7 @@
 //! Target-independent on purpose: it only computes addresses and writes guest memory, so its
 //! unit tests run on any host. The KVM specifics (vCPU init, the GICv3 device) live in the
 //! hypervisor backend, which takes the result as a neutral
-//! [`BootState`](crate::hypervisor::arch::aarch64::BootState).
+//! [`BootState`].
 //!
 //! Boot protocol (Linux `booting.rst`): the boot CPU enters the `Image` at its load address
 //! in EL1h with all of `DAIF` masked, the MMU off, `x0` = the device tree's physical address
@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::{BootError, KernelCmdline};
 use crate::devices::virtio::mmio::MmioSlot;
-use crate::hypervisor::arch::aarch64::BootState;
+pub use crate::hypervisor::arch::aarch64::BootState;
 use crate::memory::GuestMemory;
 
 /// What [`configure_system`] needs besides guest memory.
