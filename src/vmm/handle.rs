@@ -237,6 +237,7 @@ impl VmHandle {
     }
 
     /// Why the VM stopped, `None` while it runs or is paused.
+    #[cfg(target_os = "linux")]
     pub(super) fn exit_reason(&self) -> Option<ExitReason> {
         self.control.exit_reason()
     }
