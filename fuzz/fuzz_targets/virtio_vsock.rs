@@ -198,8 +198,9 @@ fuzz_target!(|data: &[u8]| {
                     let o = if op & 0x40 != 0 && o == 3 { 4 } else { o };
                     h[30..32].copy_from_slice(&o.to_le_bytes());
                     // Small ports so packets meet the listeners and each other.
-                    h[16..20].copy_from_slice(&u32::from(h[16] & 7).to_le_bytes());
-                    h[20..24].copy_from_slice(&u32::from(h[20] & 7).to_le_bytes());
+                    let (src, dst) = (u32::from(h[16] & 7), u32::from(h[20] & 7));
+                    h[16..20].copy_from_slice(&src.to_le_bytes());
+                    h[20..24].copy_from_slice(&dst.to_le_bytes());
                 }
                 let plen = usize::from(input.byte().unwrap_or(0));
                 let payload = input.take(plen).to_vec();
