@@ -99,7 +99,14 @@ impl Driver {
         };
         for i in 0..SIZE {
             let addr = RX_DATA + u64::from(i) * RX_SLOT;
-            d.desc(0, i, addr, HDR_LEN as u32 + rx_payload, VIRTQ_DESC_F_WRITE, 0);
+            d.desc(
+                0,
+                i,
+                addr,
+                HDR_LEN as u32 + rx_payload,
+                VIRTQ_DESC_F_WRITE,
+                0,
+            );
             d.publish(0, i);
         }
         d.dev.queue_notify(0);

@@ -144,12 +144,14 @@ impl VsockHost {
         };
         match self.shared.requests.try_send(req) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!(
+            Err(TrySendError::Full(_)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
                     "{MAX_PENDING_REQUESTS} vsock connect requests already pending; retry later"
                 ),
-            )),
+                ))
+            }
             Err(TrySendError::Disconnected(_)) => {
                 return Err(io::Error::new(
                     io::ErrorKind::NotConnected,
