@@ -8,7 +8,7 @@
 #   fuzz/run-all.sh ioapic legacy_pio    # just the guest-facing device targets
 #
 # Targets (all of `cargo fuzz list`): legacy_pio, ioapic, kernel_loader, cmdline, virtqueue,
-# disk_overlay, virtio_mmio, virtio_blk, agent_protocol, virtio_net.
+# disk_overlay, virtio_mmio, virtio_blk, agent_protocol, virtio_net, virtio_vsock.
 #
 # The working corpus lives in fuzz/corpus/<target>/ (git-ignored; it grows between runs) and
 # crashing inputs in fuzz/artifacts/<target>/. Needs a nightly toolchain (rustup) and

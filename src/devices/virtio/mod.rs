@@ -40,7 +40,7 @@ pub mod device;
 pub mod mmio;
 pub mod net;
 pub mod queue;
-/// Linux only: the host side multiplexes sockets with epoll and eventfd.
+// Linux only: the host side multiplexes sockets with epoll and eventfd.
 #[cfg(target_os = "linux")]
 pub mod vsock;
 

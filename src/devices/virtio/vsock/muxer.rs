@@ -43,7 +43,7 @@ pub const MAX_PENDING_CLIENTS: usize = 64;
 /// RSTs for packets matching no connection waiting for an rx buffer, at most; more are
 /// dropped (a guest flooding unknown ports only loses answers it did not need).
 pub const MAX_ORPHAN_RST: usize = 1024;
-/// Epoll events handled per [`Muxer::process_events`] call.
+/// Host events (ready sockets) served per `host_event` call of the device at most.
 pub const EVENTS_PER_CALL: usize = 64;
 /// First local (host) port handed out to host-initiated connections.
 pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
