@@ -16,7 +16,8 @@
 //!   nothing is ever buffered in that direction.
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::SyncSender;
 
@@ -197,7 +198,7 @@ impl Connection {
     pub fn flush(&mut self) -> io::Result<bool> {
         while !self.tx_buf.is_empty() {
             let (front, _) = self.tx_buf.as_slices();
-            let written = match (&self.stream).write(front) {
+            let written = match send_nosignal(&self.stream, front) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(w) => w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -218,7 +219,7 @@ impl Connection {
     fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut done = 0;
         while done < data.len() {
-            match (&self.stream).write(&data[done..]) {
+            match send_nosignal(&self.stream, &data[done..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -260,6 +261,27 @@ impl Connection {
     /// Whether the connection owes the guest a packet now.
     pub fn has_rx(&self) -> bool {
         self.pending != 0 || (self.readable && self.can_read())
+    }
+}
+
+/// `write` for a Unix stream without SIGPIPE: a peer that vanished mid-write is an
+/// `EPIPE` error here, never a signal that would kill a host program which did not ignore
+/// SIGPIPE (Rust binaries do; programs embedding smolvm through FFI may not).
+fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes and the descriptor is owned by `stream`,
+    // which outlives the call.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 

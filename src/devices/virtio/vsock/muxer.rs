@@ -97,6 +97,9 @@ pub(crate) struct Muxer {
     orphan_rst: VecDeque<PacketHeader>,
     next_local_port: u32,
     events: Vec<EpollEvent>,
+    /// A spare descriptor (`/dev/null`), closed to make room when `accept` fails with
+    /// EMFILE/ENFILE so the waiting client can be taken off the backlog and refused.
+    reserve_fd: Option<std::fs::File>,
     pub stats: VsockStats,
 }
 
@@ -142,6 +145,7 @@ impl Muxer {
             orphan_rst: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             events: vec![EpollEvent::default(); EVENTS_PER_CALL],
+            reserve_fd: std::fs::File::open("/dev/null").ok(),
             stats: VsockStats::default(),
         })
     }
@@ -465,6 +469,32 @@ impl Muxer {
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Out of descriptors. The client stays in the backlog and the listener
+                    // stays readable, so returning would make the device loop spin: free the
+                    // reserve descriptor, take the client and close it (refused), and take
+                    // the reserve back.
+                    self.reserve_fd = None;
+                    let refused = listener.accept();
+                    self.reserve_fd = std::fs::File::open("/dev/null").ok();
+                    log::warn!(
+                        "vsock: out of file descriptors ({e}): refused a client of the Unix \
+                         socket"
+                    );
+                    if refused.is_err() || self.reserve_fd.is_none() {
+                        // Could not drain it: stop watching the listener rather than spin.
+                        let _ = self.epoll.ctl(
+                            ControlOperation::Delete,
+                            listener.as_raw_fd(),
+                            EpollEvent::default(),
+                        );
+                        log::error!(
+                            "vsock: the Unix socket no longer accepts clients (no descriptors)"
+                        );
+                        return;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     log::debug!("vsock: accept on the Unix listener: {e}");
                     return;
