@@ -159,8 +159,12 @@ fi
 if [ -n "$src_tar" ]; then
     tar_sum="${src_id##*sha256=}"
     src_root="$cache/src/$tar_sum"
+    # Concurrent runs (parallel tests) extract once: the first takes the lock, the others
+    # wait for it and find the tree complete.
+    exec 9>"$src_root.lock"
+    command -v flock >/dev/null && flock 9
     if [ ! -f "$src_root/.complete" ]; then
-        log "extracting $src_tar into $src_root (once; takes a minute or two)"
+        log "extracting $src_tar into $src_root (once; 10-60 s)"
         rm -rf "$src_root" "$src_root.tmp.$$"
         mkdir -p "$src_root.tmp.$$"
         trap 'rm -rf "$src_root.tmp.$$"' EXIT
@@ -170,6 +174,7 @@ if [ -n "$src_tar" ]; then
         trap - EXIT
         log "extracted"
     fi
+    exec 9>&-
     # The tarball holds one top-level directory (linux-6.1.N/ or linux-source-6.1/).
     src_dir="$(find "$src_root" -mindepth 1 -maxdepth 1 -type d | head -n1)"
     [ -f "$src_dir/Makefile" ] || die "no kernel source tree in $src_root"
