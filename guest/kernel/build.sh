@@ -27,6 +27,9 @@
 # aarch64-linux-gnu- / x86_64-linux-gnu- when the target is not the host's architecture).
 # Needs: make, gcc, bc, bison, flex, libelf-dev, xz-utils, curl (for kernel.org), sha256sum.
 set -euo pipefail
+# The whole script is one { ...; exit; } block: bash parses it completely before running it,
+# so editing this file while a (long) build runs cannot derail that build.
+{
 
 # The kernel.org stable release to fetch when it is reachable (Debian 12's linux-source-6.1
 # is 6.1.192 too at the time of writing, so both sources give the same kernel).
@@ -292,3 +295,5 @@ log "done in $((SECONDS - start))s: $dest"
 log "  vmlinux    $(stat -c %s "$dest/vmlinux") bytes"
 log "  $image_name $(stat -c %s "$dest/$image_name") bytes"
 echo "$dest"
+exit 0
+}

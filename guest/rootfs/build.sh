@@ -27,6 +27,9 @@
 # Needs: mkfs.ext4 + debugfs (e2fsprogs >= 1.43), tar, gzip, sha256sum, curl (for Alpine),
 # busybox-static (fallback), cargo (to build the agent).
 set -euo pipefail
+# The whole script is one { ...; exit; } block: bash parses it completely before running it,
+# so editing this file while a (long) build runs cannot derail that build.
+{
 
 ALPINE_VERSION=3.20.3
 ALPINE_BRANCH=v3.20
@@ -267,3 +270,5 @@ if [ "$variant" = busybox ]; then
     echo "rootfs: FALLBACK: busybox rootfs (Alpine mirror unreachable) -> $dest/rootfs.ext4" >&2
 fi
 echo "$dest/rootfs.ext4"
+exit 0
+}
