@@ -3,4 +3,5 @@
 //! Independent of the hypervisor backend: this code only writes guest memory and fills in the
 //! neutral register state of [`crate::hypervisor::arch`].
 
+pub mod aarch64;
 pub mod x86_64;

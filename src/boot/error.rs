@@ -34,6 +34,21 @@ pub enum BootError {
         /// What was wrong.
         detail: String,
     },
+    /// The kernel file is not an arm64 `Image` (aarch64 guests).
+    #[error(
+        "{path} is not a bootable arm64 kernel: {source}; pass an uncompressed little-endian \
+         arm64 Image (arch/arm64/boot/Image)"
+    )]
+    Arm64Image {
+        /// The path.
+        path: PathBuf,
+        /// What was wrong.
+        #[source]
+        source: crate::arch::aarch64::image::ImageError,
+    },
+    /// The device tree could not be generated (aarch64 guests).
+    #[error("cannot generate the device tree: {0}")]
+    DeviceTree(#[from] crate::arch::aarch64::fdt::FdtError),
     /// The initrd file could not be opened or read.
     #[error("cannot read initrd {path}: {source}; check the path given to .initrd()")]
     InitrdFile {
@@ -76,4 +91,12 @@ pub enum BootError {
         max = crate::arch::x86_64::mptable::MAX_VCPUS
     )]
     TooManyVcpus(u32),
+    /// An aarch64 vCPU count the platform cannot describe: 0, or more than the GIC
+    /// redistributor region has room for
+    /// ([`MAX_VCPUS`](crate::arch::aarch64::layout::MAX_VCPUS)).
+    #[error(
+        "{0} vCPUs requested; the arm64 platform has GIC redistributors for 1 to {max}",
+        max = crate::arch::aarch64::layout::MAX_VCPUS
+    )]
+    TooManyArm64Vcpus(u32),
 }

@@ -30,7 +30,10 @@ pub mod arch;
 mod error;
 mod exit;
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 pub mod kvm;
 
 pub use error::{HypervisorError, Result};
@@ -504,6 +507,25 @@ pub trait Vcpu {
     #[cfg(target_arch = "x86_64")]
     fn set_boot_state(&mut self, state: &arch::x86_64::BootState) -> Result<()>;
 
+    /// aarch64: the boot CPU's entry registers (`PC`, `x0` = the device tree; `x1`-`x3` = 0;
+    /// `PSTATE` = EL1h with `DAIF` masked). Only the boot CPU gets one: the others start
+    /// powered off ([`Vcpu::configure`]) until the guest's PSCI `CPU_ON`.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # #[cfg(target_arch = "aarch64")] {
+    /// use smolvm::hypervisor::{arch::aarch64::BootState, CpuConfig};
+    /// let vm = smolvm::hypervisor::open()?.create_vm()?;
+    /// let mut vcpu = vm.create_vcpu(0)?;
+    /// vcpu.configure(&CpuConfig { id: 0, count: 1 })?;
+    /// vm.create_irqchip(Default::default())?; // arm64: after the vCPUs
+    /// vcpu.set_boot_state(&BootState { pc: 0x8000_0000, x0: 0x8fe0_0000 })?;
+    /// # }
+    /// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
+    /// ```
+    #[cfg(target_arch = "aarch64")]
+    fn set_boot_state(&mut self, state: &arch::aarch64::BootState) -> Result<()>;
+
     /// Reads the general purpose registers.
     #[cfg(target_arch = "x86_64")]
     fn regs(&self) -> Result<arch::x86_64::Registers>;
@@ -562,15 +584,20 @@ pub trait Vcpu {
 /// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
 /// ```
 pub fn open() -> Result<Arc<dyn Hypervisor>> {
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
     {
         Ok(Arc::new(kvm::Kvm::open()?))
     }
-    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    #[cfg(not(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    )))]
     {
         Err(HypervisorError::Unsupported(
-            "no hypervisor backend for this host yet (KVM on aarch64 and Hypervisor.framework \
-             are planned)",
+            "no hypervisor backend for this host yet (Hypervisor.framework is planned)",
         ))
     }
 }

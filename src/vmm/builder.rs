@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+#[cfg(target_arch = "aarch64")]
+use super::boot_aarch64::SERIAL_IRQ;
 use super::config::VmBuilder;
 use super::control::Control;
 use super::device_loop::DeviceLoop;
@@ -17,15 +19,19 @@ use super::ExitReason;
 use crate::arch::x86_64::layout;
 use crate::devices::legacy::{self, Ioapic, PmControl, Serial, I8042};
 use crate::devices::virtio::block::{Block, BlockStats, Disk};
-use crate::devices::virtio::mmio::{MmioAllocError, MmioAllocator, MmioSlot, MmioTransport};
+#[cfg(not(target_arch = "aarch64"))]
+use crate::devices::virtio::mmio::{MmioAllocError, MmioAllocator};
+use crate::devices::virtio::mmio::{MmioSlot, MmioTransport};
 #[cfg(target_os = "linux")]
 use crate::devices::virtio::net::Tap;
 use crate::devices::virtio::net::{Net, NetBackend};
 use crate::devices::virtio::{ActivateContext, ActivateError, VirtioDevice};
 use crate::devices::{Bus, InterruptLine, PlatformEvent, PlatformEventSink};
+#[cfg(target_arch = "aarch64")]
+use crate::hypervisor::arch::aarch64::BootState;
 #[cfg(target_arch = "x86_64")]
 use crate::hypervisor::arch::x86_64::BootState;
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 use crate::hypervisor::HypervisorError;
 use crate::hypervisor::{self, Hypervisor, IrqchipMode, IrqchipOrder, MemoryRegion, Vm};
 use crate::memory::{self, GuestMemory};
@@ -122,9 +128,9 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
     let vm = hv.create_vm()?;
     map_memory(vm.as_ref(), &memory)?;
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     let boot_state = load_guest(&cfg, &memory)?;
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     load_guest(&cfg, &memory)?;
 
     if vm.irqchip_order() == IrqchipOrder::BeforeVcpus {
@@ -137,7 +143,7 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
     let threads = match start_vcpus(
         &cfg,
         &vm,
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         boot_state,
         &devices,
         &control,
@@ -171,10 +177,16 @@ fn start(mut cfg: VmBuilder) -> Result<VmHandle> {
 
 /// One slot per virtio device, in order, from the x86 microVM layout.
 fn allocate_virtio_slots(count: usize) -> Result<Vec<MmioSlot>> {
+    #[cfg(target_arch = "aarch64")]
+    let mut slots = super::boot_aarch64::virtio_allocator();
+    #[cfg(not(target_arch = "aarch64"))]
     let mut slots = MmioAllocator::x86_64();
     for _ in 0..count {
         if let Err(e) = slots.allocate() {
             let fit = slots.slots().len();
+            #[cfg(target_arch = "aarch64")]
+            let why = super::boot_aarch64::virtio_exhausted(e);
+            #[cfg(not(target_arch = "aarch64"))]
             let why = match e {
                 MmioAllocError::IrqsExhausted => format!(
                     "one interrupt line each, GSIs {}-{}",
@@ -321,11 +333,12 @@ impl Devices {
     ) -> Result<Self> {
         let console = std::mem::replace(&mut cfg.console, legacy::ConsoleSink::Discard);
         let serial = Arc::new(Mutex::new(Serial::new(
-            InterruptLine::new(vm, legacy::COM1_IRQ)?,
+            InterruptLine::new(vm, SERIAL_IRQ)?,
             console,
         )));
         let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
         let mut pio = Bus::new("pio");
+        #[cfg(not(target_arch = "aarch64"))]
         pio.insert(u64::from(legacy::COM1_PORT), 8, serial.clone())?;
         pio.insert(u64::from(legacy::I8042_DATA_PORT), 1, i8042.clone())?;
         pio.insert(u64::from(legacy::I8042_COMMAND_PORT), 1, i8042)?;
@@ -339,6 +352,8 @@ impl Devices {
         }
 
         let mut mmio = Bus::new("mmio");
+        #[cfg(target_arch = "aarch64")]
+        super::boot_aarch64::insert_serial(&mut mmio, serial.clone())?;
         // Split irqchip: the IOAPIC is ours (x86; other architectures' GIC stays in the
         // kernel).
         let ioapic = (cfg!(target_arch = "x86_64") && cfg.irqchip == IrqchipMode::Split)
@@ -460,7 +475,7 @@ impl Devices {
 fn start_vcpus(
     cfg: &VmBuilder,
     vm: &Arc<dyn Vm>,
-    #[cfg(target_arch = "x86_64")] boot_state: BootState,
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))] boot_state: BootState,
     devices: &Devices,
     control: &Arc<Control>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>> {
@@ -474,7 +489,7 @@ fn start_vcpus(
             vm: vm.clone(),
             // Only the boot CPU starts at the kernel entry; the others wait for INIT/SIPI
             // like real hardware, so the guest brings them up itself.
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             boot: (id == 0).then_some(boot_state),
             pio: devices.pio.clone(),
             mmio: devices.mmio.clone(),
@@ -534,17 +549,31 @@ fn load_guest(cfg: &VmBuilder, memory: &GuestMemory) -> Result<BootState> {
     )?)
 }
 
-/// The boot path (kernel formats, platform tables, boot CPU state) exists for x86_64 guests
-/// only, and a guest runs on the host's architecture.
-#[cfg(not(target_arch = "x86_64"))]
+/// aarch64: the kernel `Image`, initrd and device tree; see `boot_aarch64`.
+#[cfg(target_arch = "aarch64")]
+fn load_guest(cfg: &VmBuilder, memory: &GuestMemory) -> Result<BootState> {
+    super::boot_aarch64::load_guest(cfg, memory)
+}
+
+/// The boot path (kernel formats, platform tables, boot CPU state) exists for x86_64 and
+/// aarch64 guests only, and a guest runs on the host's architecture.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 fn load_guest(_cfg: &VmBuilder, _memory: &GuestMemory) -> Result<()> {
     Err(Error::Hypervisor(HypervisorError::Unsupported(
         "booting a guest on this host architecture (only x86_64 guests can be booted so far)",
     )))
 }
 
+/// The console UART's interrupt line (ISA IRQ 4: COM1).
+#[cfg(not(target_arch = "aarch64"))]
+const SERIAL_IRQ: u32 = legacy::COM1_IRQ;
+
 fn create_memory(size: u64) -> Result<GuestMemory> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::guest_ram_ranges(size)
+    #[cfg(target_arch = "aarch64")]
+    let ranges = super::boot_aarch64::guest_ram_ranges(size);
+    #[cfg(not(target_arch = "aarch64"))]
+    let ranges = layout::guest_ram_ranges(size);
+    let ranges: Vec<(GuestAddress, usize)> = ranges
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();

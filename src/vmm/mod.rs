@@ -4,6 +4,8 @@
 //! One thread per vCPU runs guest code and handles its exits (port I/O, MMIO) inline; the
 //! handle coordinates them through [`control`](self) state and vCPU kicks.
 
+#[cfg(target_arch = "aarch64")]
+mod boot_aarch64;
 mod builder;
 mod config;
 mod control;

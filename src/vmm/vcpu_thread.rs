@@ -10,6 +10,8 @@ use crate::devices::legacy::Ioapic;
 use crate::devices::Bus;
 use crate::hypervisor::{CpuConfig, HypervisorError, Vcpu, VcpuKick, Vm, VmExit};
 
+#[cfg(target_arch = "aarch64")]
+use crate::hypervisor::arch::aarch64::BootState;
 #[cfg(target_arch = "x86_64")]
 use crate::hypervisor::arch::x86_64::BootState;
 
@@ -18,7 +20,7 @@ pub(super) struct VcpuContext {
     pub id: u32,
     pub count: u32,
     pub vm: Arc<dyn Vm>,
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     pub boot: Option<BootState>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
@@ -125,7 +127,7 @@ fn create(ctx: &VcpuContext) -> Result<Box<dyn Vcpu>, HypervisorError> {
         id: ctx.id,
         count: ctx.count,
     })?;
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     if let Some(boot) = &ctx.boot {
         vcpu.set_boot_state(boot)?;
     }

@@ -802,6 +802,33 @@ impl MmioAllocator {
         )
     }
 
+    /// The aarch64 layout: 4 KiB windows from
+    /// [`MMIO_DEVICES_START`](crate::arch::aarch64::layout::MMIO_DEVICES_START) to
+    /// [`MMIO_DEVICES_END`](crate::arch::aarch64::layout::MMIO_DEVICES_END), and SPIs
+    /// [`IRQ_DEVICES_START`](crate::arch::aarch64::layout::IRQ_DEVICES_START)..=[`IRQ_DEVICES_END`](crate::arch::aarch64::layout::IRQ_DEVICES_END).
+    /// The `irq` of these slots is the SPI number counted from 0 (GIC INTID − 32): the
+    /// number [`Vm::set_irq_line`](crate::hypervisor::Vm::set_irq_line), irqfds and the
+    /// device tree's `<GIC_SPI irq flags>` specifier all take.
+    ///
+    /// # Example
+    /// ```
+    /// use smolvm::arch::aarch64::layout;
+    /// use smolvm::devices::virtio::mmio::MmioAllocator;
+    /// let mut a = MmioAllocator::aarch64();
+    /// let slot = a.allocate().unwrap();
+    /// assert_eq!((slot.addr, slot.irq), (layout::MMIO_DEVICES_START, layout::IRQ_DEVICES_START));
+    /// ```
+    pub fn aarch64() -> Self {
+        use crate::arch::aarch64::layout as a64;
+        Self::new(
+            a64::MMIO_DEVICES_START,
+            MMIO_WINDOW_SIZE,
+            a64::MMIO_DEVICES_END,
+            a64::IRQ_DEVICES_START,
+            a64::IRQ_DEVICES_END,
+        )
+    }
+
     /// The next free slot.
     ///
     /// # Errors
@@ -1537,6 +1564,33 @@ mod tests {
         assert_eq!(wrap.allocate(), Err(MmioAllocError::AddressesExhausted));
         let mut empty = MmioAllocator::new(0, 0, u64::MAX, 1, 2);
         assert_eq!(empty.allocate(), Err(MmioAllocError::AddressesExhausted));
+    }
+
+    #[test]
+    fn aarch64_allocator_uses_spis_clear_of_the_uart_and_gic() {
+        use crate::arch::aarch64::layout as a64;
+        let mut a = MmioAllocator::aarch64();
+        let n = a64::IRQ_DEVICES_END - a64::IRQ_DEVICES_START + 1;
+        for i in 0..n {
+            let s = a.allocate().unwrap();
+            assert_eq!(s.addr, a64::MMIO_DEVICES_START + u64::from(i) * 0x1000);
+            assert_eq!(s.irq, a64::IRQ_DEVICES_START + i);
+            assert_ne!(s.irq, a64::UART_SPI);
+            assert!(
+                s.irq + a64::GIC_SPI_BASE < a64::GIC_NR_IRQS,
+                "inside NR_IRQS"
+            );
+            assert!(s.addr + s.len <= a64::MMIO_DEVICES_END);
+            let overlaps = |start: u64, len: u64| s.addr < start + len && start < s.addr + s.len;
+            assert!(!overlaps(a64::UART_START, a64::UART_SIZE));
+            assert!(!overlaps(a64::GIC_DIST_START, a64::GIC_DIST_SIZE));
+            assert!(!overlaps(
+                a64::GIC_REDIST_START,
+                a64::GIC_REDIST_END - a64::GIC_REDIST_START
+            ));
+            assert!(s.addr + s.len <= a64::RAM_START);
+        }
+        assert_eq!(a.allocate(), Err(MmioAllocError::IrqsExhausted));
     }
 
     #[test]

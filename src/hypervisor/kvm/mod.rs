@@ -1,12 +1,18 @@
 //! KVM backend. The only place in the crate that names kvm-ioctls or kvm-bindings types.
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod kick;
 mod vcpu;
 mod vm;
+#[cfg(target_arch = "x86_64")]
 mod x86_64;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+#[cfg(target_arch = "x86_64")]
+use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Cap;
 
@@ -31,6 +37,7 @@ pub struct Kvm {
     caps: Capabilities,
     /// `KVM_GET_SUPPORTED_CPUID` (plus the features KVM reports elsewhere) is the same for
     /// every VM; ask once.
+    #[cfg(target_arch = "x86_64")]
     supported_cpuid: OnceLock<std::result::Result<Arc<CpuId>, i32>>,
 }
 
@@ -68,13 +75,26 @@ impl Kvm {
         if kvm.get_api_version() != 12 {
             return Err(HypervisorError::MissingCapability("KVM API version 12"));
         }
-        for (cap, name) in [
+        #[cfg(target_arch = "x86_64")]
+        let required = [
             (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
             (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
             (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
             (Cap::Pit2, "KVM_CAP_PIT2"),
             (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-        ] {
+        ];
+        // arm64: the GICv3 is a KVM device, boot registers go through ONE_REG, and secondary
+        // vCPUs are started by the guest through the in-kernel PSCI 0.2.
+        #[cfg(target_arch = "aarch64")]
+        let required = [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::OneReg, "KVM_CAP_ONE_REG"),
+            (Cap::DeviceCtrl, "KVM_CAP_DEVICE_CTRL"),
+            (Cap::ArmPsci02, "KVM_CAP_ARM_PSCI_0_2"),
+        ];
+        for (cap, name) in required {
             if !kvm.check_extension(cap) {
                 return Err(HypervisorError::MissingCapability(name));
             }
@@ -99,10 +119,12 @@ impl Kvm {
         Ok(Kvm {
             kvm,
             caps,
+            #[cfg(target_arch = "x86_64")]
             supported_cpuid: OnceLock::new(),
         })
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn supported_cpuid(&self) -> Result<Arc<CpuId>> {
         self.supported_cpuid
             .get_or_init(|| {
@@ -150,8 +172,11 @@ impl Hypervisor for Kvm {
     }
 
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
-        let cpuid = self.supported_cpuid()?;
-        Ok(Arc::new(KvmVm::new(&self.kvm, &self.caps, cpuid)?))
+        #[cfg(target_arch = "x86_64")]
+        let arch = self.supported_cpuid()?;
+        #[cfg(target_arch = "aarch64")]
+        let arch = ();
+        Ok(Arc::new(KvmVm::new(&self.kvm, &self.caps, arch)?))
     }
 }
 

@@ -2,10 +2,17 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_run, CpuId};
+use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use super::{err, kick::KvmKick, x86_64 as arch};
+#[cfg(target_arch = "aarch64")]
+use super::aarch64 as arch;
+#[cfg(target_arch = "x86_64")]
+use super::{err, x86_64 as arch};
+use super::{kick::KvmKick, vm::ArchVcpuInput};
+#[cfg(target_arch = "aarch64")]
+use crate::hypervisor::arch::aarch64::BootState;
+#[cfg(target_arch = "x86_64")]
 use crate::hypervisor::arch::x86_64::{BootState, Registers, SpecialRegisters};
 use crate::hypervisor::{CpuConfig, ExitFailure, Result, Vcpu, VcpuKick, VmExit};
 
@@ -24,7 +31,8 @@ use crate::hypervisor::{CpuConfig, ExitFailure, Result, Vcpu, VcpuKick, VmExit};
 pub struct KvmVcpu {
     fd: VcpuFd,
     id: u32,
-    cpuid: Arc<CpuId>,
+    /// x86: the VM's CPUID template; arm64: the preferred `KVM_ARM_VCPU_INIT` target.
+    arch: ArchVcpuInput,
     kick: Arc<KvmKick>,
     /// The kvm_run area, for the exit details kvm-ioctls does not decode.
     run: *mut kvm_run,
@@ -33,7 +41,7 @@ pub struct KvmVcpu {
 }
 
 impl KvmVcpu {
-    pub(super) fn new(mut fd: VcpuFd, id: u32, cpuid: Arc<CpuId>) -> Self {
+    pub(super) fn new(mut fd: VcpuFd, id: u32, arch: ArchVcpuInput) -> Self {
         let run: *mut kvm_run = fd.get_kvm_run();
         // SAFETY: `run` points into the vCPU's kvm_run mapping, valid for `fd`'s lifetime;
         // taking a field address does not read it.
@@ -41,7 +49,7 @@ impl KvmVcpu {
         KvmVcpu {
             fd,
             id,
-            cpuid,
+            arch,
             kick: Arc::new(KvmKick::new(immediate_exit)),
             run,
             thread: None,
@@ -61,38 +69,61 @@ impl Vcpu for KvmVcpu {
         self.id
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn configure(&mut self, config: &CpuConfig) -> Result<()> {
-        arch::configure_cpu(&self.fd, &self.cpuid, config)
+        arch::configure_cpu(&self.fd, &self.arch, config)
     }
 
+    #[cfg(target_arch = "aarch64")]
+    fn configure(&mut self, config: &CpuConfig) -> Result<()> {
+        arch::init_vcpu(&self.fd, &self.arch, config)
+    }
+
+    #[cfg(target_arch = "aarch64")]
     fn set_boot_state(&mut self, state: &BootState) -> Result<()> {
         arch::set_boot_state(&self.fd, state)
     }
 
+    /// arm64: WFI waits in the kernel, and a vCPU waiting for PSCI `CPU_ON` is not dead.
+    #[cfg(target_arch = "aarch64")]
+    fn is_halted_for_good(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn set_boot_state(&mut self, state: &BootState) -> Result<()> {
+        arch::set_boot_state(&self.fd, state)
+    }
+
+    #[cfg(target_arch = "x86_64")]
     fn regs(&self) -> Result<Registers> {
         Ok(arch::regs_from_kvm(
             &self.fd.get_regs().map_err(err("KVM_GET_REGS"))?,
         ))
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn set_regs(&mut self, regs: &Registers) -> Result<()> {
         self.fd
             .set_regs(&arch::regs_to_kvm(regs))
             .map_err(err("KVM_SET_REGS"))
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn special_regs(&self) -> Result<SpecialRegisters> {
         Ok(arch::sregs_from_kvm(
             &self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?,
         ))
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn set_special_regs(&mut self, sregs: &SpecialRegisters) -> Result<()> {
         let mut k = self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
         arch::sregs_to_kvm(sregs, &mut k);
         self.fd.set_sregs(&k).map_err(err("KVM_SET_SREGS"))
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn is_halted_for_good(&self) -> Result<bool> {
         let mp = self.fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?;
         if mp.mp_state != kvm_bindings::KVM_MP_STATE_HALTED {
@@ -121,7 +152,7 @@ impl Vcpu for KvmVcpu {
                 };
                 Ok(VmExit::Interrupted)
             }
-            Err(e) => Err(err("KVM_RUN")(e)),
+            Err(e) => Err(super::err("KVM_RUN")(e)),
         }
     }
 

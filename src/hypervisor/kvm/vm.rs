@@ -1,20 +1,40 @@
 //! [`Vm`] on KVM.
 
+#[cfg(target_arch = "x86_64")]
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, kvm_pit_config, kvm_userspace_memory_region,
-    CpuId, KvmIrqRouting,
-};
-use kvm_ioctls::{Cap, NoDatamatch, VmFd};
+#[cfg(target_arch = "aarch64")]
+use std::sync::Mutex;
+
+#[cfg(target_arch = "x86_64")]
+use kvm_bindings::{kvm_enable_cap, kvm_pit_config, CpuId};
+use kvm_bindings::{kvm_irq_routing_entry, kvm_msi, kvm_userspace_memory_region, KvmIrqRouting};
+#[cfg(target_arch = "x86_64")]
+use kvm_ioctls::Cap;
+use kvm_ioctls::{NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{err, vcpu::KvmVcpu};
+#[cfg(target_arch = "x86_64")]
 use crate::arch::x86_64::layout;
 use crate::hypervisor::{
     Capabilities, GsiRoute, GsiTarget, HypervisorError, IoEventAddress, IrqchipMode, IrqchipOrder,
     MemoryRegion, Msi, Result, Vcpu, Vm,
 };
+
+/// What each vCPU is created with: x86, the CPUID template; arm64, the preferred target.
+#[cfg(target_arch = "x86_64")]
+pub(super) type ArchVcpuInput = Arc<CpuId>;
+/// What each vCPU is created with: x86, the CPUID template; arm64, the preferred target.
+#[cfg(target_arch = "aarch64")]
+pub(super) type ArchVcpuInput = kvm_bindings::kvm_vcpu_init;
+
+/// What `Kvm::create_vm` hands each VM: x86, the CPUID template; arm64, nothing.
+#[cfg(target_arch = "x86_64")]
+pub(super) type ArchVmInput = Arc<CpuId>;
+/// What `Kvm::create_vm` hands each VM: x86, the CPUID template; arm64, nothing.
+#[cfg(target_arch = "aarch64")]
+pub(super) type ArchVmInput = ();
 
 /// A KVM virtual machine.
 ///
@@ -24,21 +44,43 @@ use crate::hypervisor::{
 /// let kvm = Kvm::open()?;
 /// // A `KvmVm`, used through the backend-neutral `Vm` trait.
 /// let vm = kvm.create_vm()?;
-/// assert_eq!(vm.irqchip_order(), IrqchipOrder::BeforeVcpus);
+/// let x86 = cfg!(target_arch = "x86_64");
+/// assert_eq!(vm.irqchip_order() == IrqchipOrder::BeforeVcpus, x86);
 /// # Ok::<(), smolvm::hypervisor::HypervisorError>(())
 /// ```
 pub struct KvmVm {
     fd: VmFd,
     caps: Capabilities,
     /// The VM's CPUID template; each vCPU copies and adjusts it once.
+    #[cfg(target_arch = "x86_64")]
     cpuid: Arc<CpuId>,
+    /// The host's preferred vCPU target, the same for every vCPU.
+    #[cfg(target_arch = "aarch64")]
+    vcpu_target: kvm_bindings::kvm_vcpu_init,
+    /// The in-kernel GICv3, once created.
+    #[cfg(target_arch = "aarch64")]
+    gic: Mutex<Option<kvm_ioctls::DeviceFd>>,
 }
 
 impl KvmVm {
+    #[cfg(target_arch = "aarch64")]
+    pub(super) fn new(kvm: &kvm_ioctls::Kvm, caps: &Capabilities, _: ArchVmInput) -> Result<Self> {
+        // kvm-ioctls asks for the host's largest IPA size (KVM_CAP_ARM_VM_IPA_SIZE) here.
+        let fd = kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
+        let vcpu_target = super::aarch64::preferred_target(&fd)?;
+        Ok(KvmVm {
+            fd,
+            caps: caps.clone(),
+            vcpu_target,
+            gic: Mutex::new(None),
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
     pub(super) fn new(
         kvm: &kvm_ioctls::Kvm,
         caps: &Capabilities,
-        cpuid: Arc<CpuId>,
+        cpuid: ArchVmInput,
     ) -> Result<Self> {
         let fd = kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
         // Both live in the MMIO gap, where no RAM is mapped; they must be set before vCPUs
@@ -98,10 +140,35 @@ impl Vm for KvmVm {
             .map_err(err("KVM_SET_USER_MEMORY_REGION (delete)"))
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn irqchip_order(&self) -> IrqchipOrder {
         IrqchipOrder::BeforeVcpus
     }
 
+    /// The GICv3 redistributors are sized from the vCPUs that exist at `CTRL_INIT`.
+    #[cfg(target_arch = "aarch64")]
+    fn irqchip_order(&self) -> IrqchipOrder {
+        IrqchipOrder::AfterVcpus
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn create_irqchip(&self, _mode: IrqchipMode) -> Result<()> {
+        let mut gic = self.gic.lock().unwrap_or_else(|e| e.into_inner());
+        if gic.is_some() {
+            return Err(HypervisorError::InvalidArgument(
+                "the GICv3 already exists".into(),
+            ));
+        }
+        *gic = Some(super::aarch64::create_gic(&self.fd)?);
+        Ok(())
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
+        super::aarch64::set_spi_line(&self.fd, gsi, level)
+    }
+
+    #[cfg(target_arch = "x86_64")]
     fn create_irqchip(&self, mode: IrqchipMode) -> Result<()> {
         match mode {
             IrqchipMode::InKernel => {
@@ -138,6 +205,7 @@ impl Vm for KvmVm {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
         self.fd
             .set_irq_line(gsi, level)
@@ -232,7 +300,11 @@ impl Vm for KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(err("KVM_CREATE_VCPU"))?;
-        Ok(Box::new(KvmVcpu::new(fd, id, self.cpuid.clone())))
+        #[cfg(target_arch = "x86_64")]
+        let arch = self.cpuid.clone();
+        #[cfg(target_arch = "aarch64")]
+        let arch = self.vcpu_target;
+        Ok(Box::new(KvmVcpu::new(fd, id, arch)))
     }
 }
 

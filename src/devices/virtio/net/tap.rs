@@ -178,7 +178,7 @@ impl Tap {
             .ifr_name
             .iter()
             .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
+            .map(|&c| c.to_ne_bytes()[0]) // c_char: i8 on x86_64, u8 on aarch64
             .collect();
         let name = String::from_utf8_lossy(&kernel_name).into_owned();
         let hdr_len = VNET_HDR_LEN as libc::c_int;
@@ -411,7 +411,10 @@ mod tests {
     fn names_and_addresses_are_encoded_for_the_kernel() {
         let n = if_name("smolvm%d").unwrap();
         assert_eq!(
-            n[..8].iter().map(|&c| c as u8).collect::<Vec<_>>(),
+            n[..8]
+                .iter()
+                .map(|&c| c.to_ne_bytes()[0])
+                .collect::<Vec<_>>(),
             b"smolvm%d"
         );
         assert!(n[8..].iter().all(|&c| c == 0), "NUL-terminated");
@@ -420,7 +423,10 @@ mod tests {
         let a = sockaddr(Ipv4Addr::new(10, 1, 2, 3));
         assert_eq!(a.sa_family, libc::AF_INET as libc::sa_family_t);
         assert_eq!(
-            a.sa_data[..6].iter().map(|&c| c as u8).collect::<Vec<_>>(),
+            a.sa_data[..6]
+                .iter()
+                .map(|&c| c.to_ne_bytes()[0])
+                .collect::<Vec<_>>(),
             [0, 0, 10, 1, 2, 3]
         );
     }
