@@ -4,6 +4,7 @@
 # reports the CPU count and reboots instead. Keep console output short: every byte is a
 # VM exit.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root
+/bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null

@@ -75,7 +75,7 @@ timed() { # NAME CMD...: runs CMD, logs its duration
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 
 install_packages() {
-    local want=(cpio e2fsprogs xz-utils zstd)
+    local want=(cpio e2fsprogs kmod xz-utils zstd)
     if [ "$cross" = 1 ]; then
         want+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross rustc-web cargo-web)
     fi
@@ -143,6 +143,10 @@ fetch_packages() {
     kver="${kernel_image##*/vmlinuz-}"
     moddir="$kdir/root/lib/modules/$kver"
     [ -d "$moddir" ] || die "no modules in $kdir for $kver"
+    # The package ships no modules.dep (the installer runs depmod): make one.
+    if [ ! -s "$moddir/modules.dep" ]; then
+        depmod -b "$kdir/root" "$kver" || die "depmod failed"
+    fi
     log "kernel $kpkg ($kver), $(cat "$bbdir/.done")"
 }
 
@@ -211,18 +215,11 @@ copy_modules() {
     done
 }
 
-install_busybox() { # DEST
-    local dest=$1 a
+install_busybox() { # DEST: busybox plus /bin/sh; the init scripts run `busybox --install -s`
+    local dest=$1
     mkdir -p "$dest/bin" "$dest/sbin" "$dest/usr/bin" "$dest/usr/sbin"
     cp "$bbdir/root/bin/busybox" "$dest/bin/busybox"
-    for a in $("$dest/bin/busybox" --list 2>/dev/null || qemu_list_applets); do
-        [ "$a" = busybox ] || ln -sf busybox "$dest/bin/$a"
-    done
-}
-
-# busybox --list needs to run the binary; for a foreign one, list the applets it was built with
-qemu_list_applets() {
-    strings "$bbdir/root/bin/busybox" | awk '/^\[$/,/^zcat$/' | grep -E '^[][a-z0-9_.-]+$' | sort -u
+    ln -sf busybox "$dest/bin/sh"
 }
 
 mkcpio() { # DIR OUT
@@ -260,7 +257,7 @@ build_guest_assets() {
     cp "$a/diskroot/hello.txt" "$a/hello.txt"
     local label
     for label in rw ov ro; do
-        mkfs.ext4 -q -F -L "e2e-$label" -O ^has_journal -d "$a/diskroot" "$a/$label.img" 8M
+        mkfs.ext4 -q -F -L "e2e-$label" -O ^has_journal -d "$a/diskroot" "$a/$label.img" 8M >&2
     done
     rm -rf "$a/diskroot"
     touch "$a/.done"
@@ -301,7 +298,7 @@ run_l1() {
         -smp "${SMOLVM_E2E_SMP:-2}" -m 3072 -kernel "$assets/kernel" -initrd "$l1/initrd" \
         -append "console=ttyAMA0 rdinit=/init loglevel=4" \
         -nographic -no-reboot -monitor none -serial stdio </dev/null 2>&1 |
-        tr -d '\r' | tee "$qlog" |
+        sed -u 's/\r$//' | tee "$qlog" |
         grep --line-buffered -E '^(PASS|FAIL|DATA|SKIPPED|E2E-|SMOLVM-L1)' || rc=$?
     results="$qlog"
 }
