@@ -2,8 +2,8 @@
 # /init of the emulated arm64 machine (L1): runs the e2e runner against this machine's
 # /dev/kvm, prints its output between markers, powers off.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root
+/bin/busybox mount -t proc proc /proc
 /bin/busybox --install -s /bin
-mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp

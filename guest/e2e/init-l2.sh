@@ -4,8 +4,8 @@
 # reports the CPU count and reboots instead. Keep console output short: every byte is a
 # VM exit.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root
+/bin/busybox mount -t proc proc /proc
 /bin/busybox --install -s /bin
-mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
