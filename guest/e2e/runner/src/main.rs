@@ -138,27 +138,69 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 // Small host-side helpers
 // ---------------------------------------------------------------------------------------------
 
-/// POSIX `cksum` (CRC-32 with polynomial 0x04C11DB7, the length appended, inverted): the
-/// guest's busybox computes the same.
-fn posix_cksum(data: &[u8]) -> u32 {
-    fn step(mut crc: u32, b: u8) -> u32 {
-        crc ^= u32::from(b) << 24;
-        for _ in 0..8 {
-            crc = if crc & 0x8000_0000 != 0 {
-                (crc << 1) ^ 0x04C1_1DB7
-            } else {
-                crc << 1
-            };
+/// SHA-256 as lowercase hex (the guest's busybox `sha256sum` computes the same).
+fn sha256_hex(data: &[u8]) -> String {
+    const K: [u32; 64] = [
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
+    ];
+    let mut h: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
+    for block in msg.chunks_exact(64) {
+        let mut w = [0u32; 64];
+        for (i, c) in block.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
         }
-        crc
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
+        for i in 0..64 {
+            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
+            let ch = (e & f) ^ (!e & g);
+            let t1 = hh
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(K[i])
+                .wrapping_add(w[i]);
+            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
+            let maj = (a & b) ^ (a & c) ^ (b & c);
+            let t2 = s0.wrapping_add(maj);
+            hh = g;
+            g = f;
+            f = e;
+            e = d.wrapping_add(t1);
+            d = c;
+            c = b;
+            b = a;
+            a = t1.wrapping_add(t2);
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e, f, g, hh]) {
+            *x = x.wrapping_add(y);
+        }
     }
-    let mut crc = data.iter().fold(0u32, |c, &b| step(c, b));
-    let mut len = data.len() as u64;
-    while len != 0 {
-        crc = step(crc, (len & 0xff) as u8);
-        len >>= 8;
-    }
-    !crc
+    h.iter().map(|x| format!("{x:08x}")).collect()
 }
 
 /// FNV-1a 64 of a file, to tell whether an image changed.
@@ -423,15 +465,15 @@ fn boot_devices(a: &Assets, r: &mut Report) {
             std::fs::write(&local_in, &data).map_err(|e| e.to_string())?;
             vm.copy_in(&local_in, "/tmp/e2e-in.bin", 0o644)
                 .map_err(|e| format!("copy_in: {e}"))?;
-            let sum = sh(&vm, "cksum /tmp/e2e-in.bin && cp /tmp/e2e-in.bin /tmp/e2e-out.bin")?;
-            let want = format!("{} {}", posix_cksum(&data), data.len());
+            let sum = sh(&vm, "sha256sum /tmp/e2e-in.bin && cp /tmp/e2e-in.bin /tmp/e2e-out.bin")?;
+            let want = sha256_hex(&data);
             if !sum.starts_with(&want) {
-                return Err(format!("guest cksum {sum:?}, host {want:?}"));
+                return Err(format!("guest sha256sum {sum:?}, host {want}"));
             }
             vm.copy_out("/tmp/e2e-out.bin", &local_out)
                 .map_err(|e| format!("copy_out: {e}"))?;
             let back = std::fs::read(&local_out).map_err(|e| e.to_string())?;
-            if posix_cksum(&back) != posix_cksum(&data) || back != data {
+            if sha256_hex(&back) != want || back != data {
                 return Err(format!("copied back {} bytes that differ", back.len()));
             }
             Ok(())
@@ -722,9 +764,22 @@ fn main() {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn cksum_matches_posix() {
-        // `printf 'hello\n' | cksum` -> 3015617425 6
-        assert_eq!(super::posix_cksum(b"hello\n"), 3015617425);
-        assert_eq!(super::posix_cksum(b""), 4294967295);
+    fn sha256_matches_coreutils() {
+        assert_eq!(
+            super::sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        // `printf 'hello\n' | sha256sum`
+        assert_eq!(
+            super::sha256_hex(b"hello\n"),
+            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+        );
+        let big = super::random_bytes(100_000, 7);
+        std::fs::write("/tmp/smolvm-e2e-sha-test.bin", &big).unwrap();
+        let out = std::process::Command::new("sha256sum")
+            .arg("/tmp/smolvm-e2e-sha-test.bin")
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with(&super::sha256_hex(&big)));
     }
 }
