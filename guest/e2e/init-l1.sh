@@ -11,6 +11,8 @@ while read -r m; do
     insmod "/lib/modules/$m" || echo "SMOLVM-L1 insmod $m failed"
 done </etc/modules.load
 ip link set lo up
+# SMOLVM_E2E_* settings handed over by run.sh
+[ -f /e2e/env ] && . /e2e/env
 echo "SMOLVM-L1-INIT uptime=$(cut -d' ' -f1 /proc/uptime)s kvm=$(ls -l /dev/kvm 2>&1)"
 /sbin/smolvm-e2e run --assets /e2e/assets --out /tmp/e2e-out 2>/tmp/runner.stderr
 rc=$?

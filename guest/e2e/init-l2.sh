@@ -16,6 +16,10 @@ case " $(cat /proc/cmdline) " in
     reboot -f
     sleep 10
     ;;
+*" smolvm_e2e=poweroff "*)
+    poweroff -f
+    sleep 10
+    ;;
 esac
 while read -r m; do
     insmod "/lib/modules/$m" 2>/dev/null || echo "SMOLVM-E2E-INSMOD-FAILED $m" >/dev/console

@@ -257,7 +257,7 @@ build_guest_assets() {
     cp "$a/diskroot/hello.txt" "$a/hello.txt"
     local label
     for label in rw ov ro; do
-        mkfs.ext4 -q -F -L "e2e-$label" -O ^has_journal -d "$a/diskroot" "$a/$label.img" 8M >&2
+        mkfs.ext4 -q -F -L "e2e-$label" -O ^has_journal -d "$a/diskroot" "$a/$label.img" 8M >/dev/null
     done
     rm -rf "$a/diskroot"
     touch "$a/.done"
@@ -268,9 +268,16 @@ build_guest_assets() {
 # --- 5. L1: an initramfs with the runner and the guest assets -----------------------------
 build_l1() {
     local key
-    key="$(cat "$assets/initrd" "$runner_bin" "$here/init-l1.sh" | sha256sum | cut -c1-16)"
+    local envfile v
+    envfile="$(mktemp)"
+    # Runner settings travel into L1 as a sourced file.
+    for v in SMOLVM_E2E_BOOT_TIMEOUT SMOLVM_E2E_ONLY SMOLVM_E2E_EXTRA_BOOTS; do
+        [ -n "${!v:-}" ] && printf 'export %s=%q\n' "$v" "${!v}" >>"$envfile"
+    done
+    key="$(cat "$assets/initrd" "$runner_bin" "$here/init-l1.sh" "$envfile" | sha256sum | cut -c1-16)"
     l1="$cache/build/l1-$key"
     if [ -e "$l1/.done" ]; then
+        rm -f "$envfile"
         log "cached L1 initramfs: $l1"
         return
     fi
@@ -281,6 +288,8 @@ build_l1() {
     cp "$here/init-l1.sh" "$r/init"
     chmod 755 "$r/init"
     cp "$runner_bin" "$r/sbin/smolvm-e2e"
+    cp "$envfile" "$r/e2e/env"
+    rm -f "$envfile"
     cp "$assets"/{kernel,initrd,rw.img,ov.img,ro.img,hello.txt} "$r/e2e/assets/"
     copy_modules "$r" tun
     mkcpio "$r" "$l1.tmp/initrd"

@@ -636,16 +636,26 @@ fn boot_devices(a: &Assets, r: &mut Report) {
     );
 }
 
-/// Boot B: 2 vCPUs, reboot from inside, kernel start time.
-fn boot_smp_reboot(a: &Assets, r: &mut Report) {
+/// Boot B: 2 vCPUs, reboot from inside, kernel start time. `vcpus`/`action` vary it for
+/// experiments (`SMOLVM_E2E_EXTRA_BOOTS`); `tag` names its checks and data.
+fn boot_smp_reboot(a: &Assets, r: &mut Report, vcpus: u32, action: &str, tag: &str, append: &str) {
     let boot_timeout = env_secs("SMOLVM_E2E_BOOT_TIMEOUT", 240);
     let console = Console::default();
     let mut cmdline = base_cmdline(false);
-    cmdline.set("smolvm_e2e", "reboot");
+    cmdline.set("smolvm_e2e", action);
+    if !append.is_empty() {
+        cmdline.append(append);
+    }
+    let (cpu_check, power_check, want_exit) = if tag == "boot_smp" {
+        ("smp.two-vcpus".to_string(), "power.reboot".to_string(), ExitReason::Reset)
+    } else {
+        let want = if action == "poweroff" { ExitReason::PowerOff } else { ExitReason::Reset };
+        (format!("{tag}.cpus"), format!("{tag}.{action}"), want)
+    };
     let t0 = Instant::now();
     let vm = VmBuilder::new()
         .memory_mib(512)
-        .vcpus(2)
+        .vcpus(vcpus)
         .kernel(&a.kernel)
         .initrd(&a.initrd)
         .cmdline(cmdline)
@@ -654,8 +664,8 @@ fn boot_smp_reboot(a: &Assets, r: &mut Report) {
     let vm = match vm {
         Ok(vm) => vm,
         Err(e) => {
-            r.check("smp.two-vcpus", Err(format!("start: {e}")));
-            r.check("power.reboot", Err(format!("start: {e}")));
+            r.check(&cpu_check, Err(format!("start: {e}")));
+            r.check(&power_check, Err(format!("start: {e}")));
             return;
         }
     };
@@ -664,44 +674,43 @@ fn boot_smp_reboot(a: &Assets, r: &mut Report) {
         ExitReason::Stopped
     });
     let end = t0.elapsed();
-    save_console(a, "boot_smp", &console);
+    save_console(a, tag, &console);
     let (first, init) = console.times();
     let text = console.text();
     if let Some(f) = first {
-        r.data("boot_smp.kernel_start", ms(f - t0));
-    }
-    if let Some(pos) = text.find("Linux version") {
-        r.data("boot_smp.kernel_banner_offset", pos);
+        r.data(&format!("{tag}.kernel_start"), ms(f - t0));
     }
     if let Some(i) = init {
-        r.data("boot_smp.to_init", ms(i - t0));
+        r.data(&format!("{tag}.to_init"), ms(i - t0));
     }
-    r.data("boot_smp.to_exit", ms(end));
+    r.data(&format!("{tag}.to_exit"), ms(end));
     let cpus = text
         .lines()
         .find_map(|l| l.trim().strip_prefix(CPUS_MARKER.trim_end()).map(|v| v.trim().to_string()));
+    let want_cpus = vcpus.to_string();
     match cpus {
-        Some(n) if n == "2" => r.check("smp.two-vcpus", Ok(())),
-        Some(n) => r.check("smp.two-vcpus", Err(format!("the guest sees {n} CPUs"))),
+        Some(n) if n == want_cpus => r.check(&cpu_check, Ok(())),
+        Some(n) => r.check(&cpu_check, Err(format!("the guest sees {n} CPUs, want {vcpus}"))),
         None => report_boot_failure(
             r,
-            "smp.two-vcpus",
+            &cpu_check,
             format!("no {CPUS_MARKER}line (VM ended: {reason})"),
             &console,
         ),
     }
     if init.is_some() {
-        match reason {
-            ExitReason::Reset => r.check("power.reboot", Ok(())),
-            other => report_boot_failure(
+        if reason == want_exit {
+            r.check(&power_check, Ok(()));
+        } else {
+            report_boot_failure(
                 r,
-                "power.reboot",
-                format!("VM ended with {other} after `reboot -f`"),
+                &power_check,
+                format!("VM ended with {reason} after `{action} -f`, want {want_exit}"),
                 &console,
-            ),
+            );
         }
     } else {
-        report_boot_failure(r, "power.reboot", format!("init never ran (VM ended: {reason})"), &console);
+        report_boot_failure(r, &power_check, format!("init never ran (VM ended: {reason})"), &console);
     }
 }
 
@@ -727,6 +736,9 @@ fn main() {
     let mut assets = None;
     let mut out = None;
     let mut only = None;
+    if only.is_none() {
+        only = std::env::var("SMOLVM_E2E_ONLY").ok().filter(|v| !v.is_empty());
+    }
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -750,11 +762,22 @@ fn main() {
     };
     let mut r = Report::default();
     let t = Instant::now();
-    if only.as_deref() != Some("smp") {
+    if only.is_none() || only.as_deref() == Some("devices") {
         boot_devices(&a, &mut r);
     }
-    if only.as_deref() != Some("devices") {
-        boot_smp_reboot(&a, &mut r);
+    if only.is_none() || only.as_deref() == Some("smp") {
+        boot_smp_reboot(&a, &mut r, 2, "reboot", "boot_smp", "");
+    }
+    // Diagnostic boots: SMOLVM_E2E_EXTRA_BOOTS="VCPUS:ACTION[:LOGLEVEL] ..." (reported as
+    // `extraN.*` checks).
+    if let Ok(extra) = std::env::var("SMOLVM_E2E_EXTRA_BOOTS") {
+        for (i, spec) in extra.split_whitespace().enumerate() {
+            let mut parts = spec.split(':');
+            let vcpus = parts.next().and_then(|v| v.parse().ok()).unwrap_or(1);
+            let action = parts.next().unwrap_or("reboot").to_string();
+            let append = parts.next().map(|l| format!("loglevel={l}")).unwrap_or_default();
+            boot_smp_reboot(&a, &mut r, vcpus, &action, &format!("extra{i}"), &append);
+        }
     }
     r.data("runner.total", ms(t.elapsed()));
     println!("E2E-RESULT pass={} fail={}", r.pass, r.fail);
