@@ -272,7 +272,7 @@ build_l1() {
     local envfile v
     envfile="$(mktemp)"
     # Runner settings travel into L1 as a sourced file.
-    for v in SMOLVM_E2E_BOOT_TIMEOUT SMOLVM_E2E_ONLY SMOLVM_E2E_EXTRA_BOOTS; do
+    for v in SMOLVM_E2E_BOOT_TIMEOUT SMOLVM_E2E_ONLY SMOLVM_E2E_EXTRA_BOOTS SMOLVM_E2E_EXTRA_HALT_PROBE; do
         [ -n "${!v:-}" ] && printf 'export %s=%q\n' "$v" "${!v}" >>"$envfile"
     done
     key="$(cat "$assets/initrd" "$runner_bin" "$here/init-l1.sh" "$envfile" | sha256sum | cut -c1-16)"

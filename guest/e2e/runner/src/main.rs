@@ -293,6 +293,37 @@ fn base_cmdline(quiet: bool) -> KernelCmdline {
     c
 }
 
+/// CPU time (user + system, clock ticks) of each thread of this process, by name: tells a
+/// vCPU spinning in the guest from one blocked in the kernel (WFI) when a guest hangs.
+fn thread_times() -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
+    for t in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // After the name: state(0) ... utime(11) stime(12).
+        let ticks = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        out.push((format!("{name}[{}]", fields.first().unwrap_or(&"?")), ticks));
+    }
+    out
+}
+
+/// Samples [`thread_times`] twice, a second apart, and prints the busy threads to stderr.
+fn print_thread_activity(what: &str) {
+    let a = thread_times();
+    std::thread::sleep(Duration::from_secs(1));
+    let b = thread_times();
+    let mut line = format!("threads during {what} (CPU ticks in 1 s):");
+    for (name, t1) in &b {
+        let t0 = a.iter().find(|(n, _)| n.split('[').next() == name.split('[').next()).map(|x| x.1);
+        line.push_str(&format!(" {name}={}", t1.saturating_sub(t0.unwrap_or(*t1))));
+    }
+    eprintln!("{line}");
+}
+
 fn save_console(a: &Assets, name: &str, console: &Console) {
     let _ = std::fs::write(a.out.join(format!("{name}.console.log")), console.text());
 }
@@ -582,6 +613,7 @@ fn boot_devices(a: &Assets, r: &mut Report) {
     let reason = match reason {
         Some(r) => r,
         None => {
+            print_thread_activity("the power-off hang");
             vm.stop();
             ExitReason::Stopped
         }
@@ -652,9 +684,15 @@ fn boot_smp_reboot(a: &Assets, r: &mut Report, vcpus: u32, action: &str, tag: &s
         let want = if action == "poweroff" { ExitReason::PowerOff } else { ExitReason::Reset };
         (format!("{tag}.cpus"), format!("{tag}.{action}"), want)
     };
+    let halt_probe = if tag != "boot_smp" && std::env::var("SMOLVM_E2E_EXTRA_HALT_PROBE").as_deref() == Ok("off") {
+        None
+    } else {
+        Some(Duration::from_millis(200)) // the default
+    };
     let t0 = Instant::now();
     let vm = VmBuilder::new()
         .memory_mib(512)
+        .halt_probe(halt_probe)
         .vcpus(vcpus)
         .kernel(&a.kernel)
         .initrd(&a.initrd)
@@ -670,6 +708,7 @@ fn boot_smp_reboot(a: &Assets, r: &mut Report, vcpus: u32, action: &str, tag: &s
         }
     };
     let reason = vm.wait_timeout(boot_timeout).unwrap_or_else(|| {
+        print_thread_activity(&format!("the {tag} hang"));
         vm.stop();
         ExitReason::Stopped
     });
@@ -768,6 +807,7 @@ fn main() {
     if only.is_none() || only.as_deref() == Some("smp") {
         boot_smp_reboot(&a, &mut r, 2, "reboot", "boot_smp", "");
     }
+    r.data("suite.total", ms(t.elapsed()));
     // Diagnostic boots: SMOLVM_E2E_EXTRA_BOOTS="VCPUS:ACTION[:LOGLEVEL] ..." (reported as
     // `extraN.*` checks).
     if let Ok(extra) = std::env::var("SMOLVM_E2E_EXTRA_BOOTS") {
