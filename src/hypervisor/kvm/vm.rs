@@ -174,9 +174,7 @@ impl Vm for KvmVm {
                 .unwrap_or_else(|e| e.into_inner()),
         );
         for (fd, gsi) in &pending {
-            self.fd
-                .register_irqfd(fd, *gsi)
-                .map_err(err("KVM_IRQFD"))?;
+            self.fd.register_irqfd(fd, *gsi).map_err(err("KVM_IRQFD"))?;
         }
         Ok(())
     }

@@ -125,7 +125,9 @@ impl Console {
     fn tail(&self, n: usize) -> String {
         let t = self.text();
         let start = t.len().saturating_sub(n);
-        let start = (start..t.len()).find(|&i| t.is_char_boundary(i)).unwrap_or(t.len());
+        let start = (start..t.len())
+            .find(|&i| t.is_char_boundary(i))
+            .unwrap_or(t.len());
         t[start..].to_string()
     }
 }
@@ -244,7 +246,12 @@ fn unique_token(what: &str) -> String {
 /// Runs `script` with `sh -c` through the agent; Ok(stdout) when it exits 0.
 fn sh(vm: &VmHandle, script: &str) -> Result<String, String> {
     let out = vm
-        .exec(&Command::new("/bin/sh").arg("-c").arg(script).timeout(Duration::from_secs(60)))
+        .exec(
+            &Command::new("/bin/sh")
+                .arg("-c")
+                .arg(script)
+                .timeout(Duration::from_secs(60)),
+        )
         .map_err(|e| format!("exec `{script}`: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -297,15 +304,27 @@ fn base_cmdline(quiet: bool) -> KernelCmdline {
 /// vCPU spinning in the guest from one blocked in the kernel (WFI) when a guest hangs.
 fn thread_times() -> Vec<(String, u64)> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
     for t in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
         let name = stat[open + 1..close].to_string();
         let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
         // After the name: state(0) ... utime(11) stime(12).
-        let ticks = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = fields
+            .get(11)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
         out.push((format!("{name}[{}]", fields.first().unwrap_or(&"?")), ticks));
     }
     out
@@ -318,7 +337,10 @@ fn print_thread_activity(what: &str) {
     let b = thread_times();
     let mut line = format!("threads during {what} (CPU ticks in 1 s):");
     for (name, t1) in &b {
-        let t0 = a.iter().find(|(n, _)| n.split('[').next() == name.split('[').next()).map(|x| x.1);
+        let t0 = a
+            .iter()
+            .find(|(n, _)| n.split('[').next() == name.split('[').next())
+            .map(|x| x.1);
         line.push_str(&format!(" {name}={}", t1.saturating_sub(t0.unwrap_or(*t1))));
     }
     eprintln!("{line}");
@@ -392,7 +414,10 @@ fn boot_devices(a: &Assets, r: &mut Report) {
         None => report_boot_failure(
             r,
             "boot.console",
-            format!("no {INIT_MARKER} on the console (exit: {:?})", vm.wait_timeout(Duration::ZERO)),
+            format!(
+                "no {INIT_MARKER} on the console (exit: {:?})",
+                vm.wait_timeout(Duration::ZERO)
+            ),
             &console,
         ),
     }
@@ -440,7 +465,10 @@ fn boot_devices(a: &Assets, r: &mut Report) {
             let out = vm
                 .exec(&Command::new("seq").arg("1").arg(n.to_string()))
                 .map_err(|e| e.to_string())?;
-            r.data("exec_large_output.bytes_per_s", format!("{:.0}", want.len() as f64 / t.elapsed().as_secs_f64()));
+            r.data(
+                "exec_large_output.bytes_per_s",
+                format!("{:.0}", want.len() as f64 / t.elapsed().as_secs_f64()),
+            );
             if !out.status.success() {
                 return Err(format!("{}", out.status));
             }
@@ -449,7 +477,10 @@ fn boot_devices(a: &Assets, r: &mut Report) {
                     "got {} bytes, want {} (first difference at {:?})",
                     out.stdout.len(),
                     want.len(),
-                    out.stdout.iter().zip(want.as_bytes()).position(|(a, b)| a != b)
+                    out.stdout
+                        .iter()
+                        .zip(want.as_bytes())
+                        .position(|(a, b)| a != b)
                 ));
             }
             Ok(())
@@ -460,10 +491,18 @@ fn boot_devices(a: &Assets, r: &mut Report) {
         "vsock.exec-failing-command",
         (|| {
             let out = vm
-                .exec(&Command::new("/bin/sh").arg("-c").arg("echo oops >&2; exit 3"))
+                .exec(
+                    &Command::new("/bin/sh")
+                        .arg("-c")
+                        .arg("echo oops >&2; exit 3"),
+                )
                 .map_err(|e| e.to_string())?;
             if out.status != ExitStatus::Exited(3) || out.stderr != b"oops\n" {
-                return Err(format!("{}; stderr {:?}", out.status, String::from_utf8_lossy(&out.stderr)));
+                return Err(format!(
+                    "{}; stderr {:?}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
             }
             Ok(())
         })(),
@@ -474,7 +513,11 @@ fn boot_devices(a: &Assets, r: &mut Report) {
         (|| {
             let t = Instant::now();
             let out = vm
-                .exec(&Command::new("sleep").arg("60").timeout(Duration::from_secs(2)))
+                .exec(
+                    &Command::new("sleep")
+                        .arg("60")
+                        .timeout(Duration::from_secs(2)),
+                )
                 .map_err(|e| e.to_string())?;
             let took = t.elapsed();
             if out.status != ExitStatus::TimedOut {
@@ -496,7 +539,10 @@ fn boot_devices(a: &Assets, r: &mut Report) {
             std::fs::write(&local_in, &data).map_err(|e| e.to_string())?;
             vm.copy_in(&local_in, "/tmp/e2e-in.bin", 0o644)
                 .map_err(|e| format!("copy_in: {e}"))?;
-            let sum = sh(&vm, "sha256sum /tmp/e2e-in.bin && cp /tmp/e2e-in.bin /tmp/e2e-out.bin")?;
+            let sum = sh(
+                &vm,
+                "sha256sum /tmp/e2e-in.bin && cp /tmp/e2e-in.bin /tmp/e2e-out.bin",
+            )?;
             let want = sha256_hex(&data);
             if !sum.starts_with(&want) {
                 return Err(format!("guest sha256sum {sum:?}, host {want}"));
@@ -536,7 +582,9 @@ fn boot_devices(a: &Assets, r: &mut Report) {
         (|| {
             let got = sh(
                 &vm,
-                &format!("mkdir -p /mnt/rw && mount -t ext4 {rw_dev} /mnt/rw && cat /mnt/rw/hello.txt"),
+                &format!(
+                    "mkdir -p /mnt/rw && mount -t ext4 {rw_dev} /mnt/rw && cat /mnt/rw/hello.txt"
+                ),
             )?;
             if got != a.hello {
                 return Err(format!("read {got:?}, want {:?}", a.hello));
@@ -634,7 +682,10 @@ fn boot_devices(a: &Assets, r: &mut Report) {
         (|| {
             rw_written?;
             if !file_contains(&a.rw, &rw_token)? {
-                return Err(format!("{} does not contain the guest's write", a.rw.display()));
+                return Err(format!(
+                    "{} does not contain the guest's write",
+                    a.rw.display()
+                ));
             }
             Ok(())
         })(),
@@ -679,12 +730,22 @@ fn boot_smp_reboot(a: &Assets, r: &mut Report, vcpus: u32, action: &str, tag: &s
         cmdline.append(append);
     }
     let (cpu_check, power_check, want_exit) = if tag == "boot_smp" {
-        ("smp.two-vcpus".to_string(), "power.reboot".to_string(), ExitReason::Reset)
+        (
+            "smp.two-vcpus".to_string(),
+            "power.reboot".to_string(),
+            ExitReason::Reset,
+        )
     } else {
-        let want = if action == "poweroff" { ExitReason::PowerOff } else { ExitReason::Reset };
+        let want = if action == "poweroff" {
+            ExitReason::PowerOff
+        } else {
+            ExitReason::Reset
+        };
         (format!("{tag}.cpus"), format!("{tag}.{action}"), want)
     };
-    let halt_probe = if tag != "boot_smp" && std::env::var("SMOLVM_E2E_EXTRA_HALT_PROBE").as_deref() == Ok("off") {
+    let halt_probe = if tag != "boot_smp"
+        && std::env::var("SMOLVM_E2E_EXTRA_HALT_PROBE").as_deref() == Ok("off")
+    {
         None
     } else {
         Some(Duration::from_millis(200)) // the default
@@ -723,13 +784,18 @@ fn boot_smp_reboot(a: &Assets, r: &mut Report, vcpus: u32, action: &str, tag: &s
         r.data(&format!("{tag}.to_init"), ms(i - t0));
     }
     r.data(&format!("{tag}.to_exit"), ms(end));
-    let cpus = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(CPUS_MARKER.trim_end()).map(|v| v.trim().to_string()));
+    let cpus = text.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix(CPUS_MARKER.trim_end())
+            .map(|v| v.trim().to_string())
+    });
     let want_cpus = vcpus.to_string();
     match cpus {
         Some(n) if n == want_cpus => r.check(&cpu_check, Ok(())),
-        Some(n) => r.check(&cpu_check, Err(format!("the guest sees {n} CPUs, want {vcpus}"))),
+        Some(n) => r.check(
+            &cpu_check,
+            Err(format!("the guest sees {n} CPUs, want {vcpus}")),
+        ),
         None => report_boot_failure(
             r,
             &cpu_check,
@@ -749,12 +815,19 @@ fn boot_smp_reboot(a: &Assets, r: &mut Report, vcpus: u32, action: &str, tag: &s
             );
         }
     } else {
-        report_boot_failure(r, &power_check, format!("init never ran (VM ended: {reason})"), &console);
+        report_boot_failure(
+            r,
+            &power_check,
+            format!("init never ran (VM ended: {reason})"),
+            &console,
+        );
     }
 }
 
 fn usage() -> ! {
-    eprintln!("usage: smolvm-e2e probe | smolvm-e2e run --assets DIR --out DIR [--only devices|smp]");
+    eprintln!(
+        "usage: smolvm-e2e probe | smolvm-e2e run --assets DIR --out DIR [--only devices|smp]"
+    );
     std::process::exit(2)
 }
 
@@ -764,7 +837,9 @@ fn main() {
         Some("probe") => {
             let report = smolvm::probe();
             match report.linux_blocker() {
-                Some(why) => println!("SKIPPED: this host cannot boot an unmodified Linux guest: {why}"),
+                Some(why) => {
+                    println!("SKIPPED: this host cannot boot an unmodified Linux guest: {why}")
+                }
                 None => println!("OK"),
             }
             return;
@@ -776,7 +851,9 @@ fn main() {
     let mut out = None;
     let mut only = None;
     if only.is_none() {
-        only = std::env::var("SMOLVM_E2E_ONLY").ok().filter(|v| !v.is_empty());
+        only = std::env::var("SMOLVM_E2E_ONLY")
+            .ok()
+            .filter(|v| !v.is_empty());
     }
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
@@ -787,7 +864,9 @@ fn main() {
             _ => usage(),
         }
     }
-    let (Some(dir), Some(out)) = (assets, out) else { usage() };
+    let (Some(dir), Some(out)) = (assets, out) else {
+        usage()
+    };
     let _ = std::fs::create_dir_all(&out);
     let hello = std::fs::read_to_string(dir.join("hello.txt")).unwrap_or_default();
     let a = Assets {
@@ -815,7 +894,10 @@ fn main() {
             let mut parts = spec.split(':');
             let vcpus = parts.next().and_then(|v| v.parse().ok()).unwrap_or(1);
             let action = parts.next().unwrap_or("reboot").to_string();
-            let append = parts.next().map(|l| format!("loglevel={l}")).unwrap_or_default();
+            let append = parts
+                .next()
+                .map(|l| format!("loglevel={l}"))
+                .unwrap_or_default();
             boot_smp_reboot(&a, &mut r, vcpus, &action, &format!("extra{i}"), &append);
         }
     }
