@@ -56,10 +56,7 @@ pub(super) fn insert_serial(mmio: &mut Bus, serial: Arc<Mutex<Serial>>) -> Resul
 ///
 /// The virtio slots are allocated again from [`virtio_allocator`] for the same device count
 /// as the builder's transports: the allocator is deterministic, so both see the same
-/// addresses and SPIs. The `virtio_mmio.device=` arguments the builder adds for x86 are
-/// dropped (the device tree describes the devices; a kernel with
-/// `VIRTIO_MMIO_CMDLINE_DEVICES` would otherwise probe each twice), and an `earlycon`
-/// argument for the MMIO UART is added unless the caller set one.
+/// addresses and SPIs. The command line is adjusted by [`aarch64::guest_cmdline`].
 pub(super) fn load_guest(cfg: &VmBuilder, memory: &GuestMemory) -> Result<BootState> {
     let kernel = cfg
         .kernel
@@ -75,11 +72,7 @@ pub(super) fn load_guest(cfg: &VmBuilder, memory: &GuestMemory) -> Result<BootSt
             .allocate()
             .map_err(|e| Error::Config(format!("virtio devices: {}", virtio_exhausted(e))))?;
     }
-    let mut cmdline = cfg.cmdline.clone();
-    cmdline.remove("virtio_mmio.device");
-    if cmdline.get("earlycon").is_none() {
-        cmdline.set("earlycon", &format!("uart,mmio,{:#x}", layout::UART_START));
-    }
+    let cmdline = aarch64::guest_cmdline(&cfg.cmdline);
     let boot = aarch64::configure_system(
         memory,
         &aarch64::SystemConfig {

@@ -681,7 +681,7 @@ fn align4(v: usize) -> usize {
 }
 
 /// Everything the generated device tree describes that is not fixed by the
-/// [layout](super::layout).
+/// [`layout`].
 ///
 /// # Example
 /// ```
@@ -810,6 +810,11 @@ pub fn create_fdt(config: &DeviceTreeConfig<'_>) -> Result<Vec<u8>> {
     w.property_string("compatible", "arm,gic-v3")?;
     w.property_u32("#interrupt-cells", 3)?;
     w.property_null("interrupt-controller")?;
+    // Address cells for child nodes (a GIC ITS later) and for `interrupt-map` users; dtc
+    // warns about an interrupt provider without them.
+    w.property_u32("#address-cells", 2)?;
+    w.property_u32("#size-cells", 2)?;
+    w.property_null("ranges")?;
     w.property_u64s(
         "reg",
         &[
@@ -1025,6 +1030,8 @@ mod tests {
         assert_eq!(gic.string("compatible"), Some("arm,gic-v3"));
         assert_eq!(gic.cells("#interrupt-cells"), Some(vec![3]));
         assert!(gic.property("interrupt-controller").is_some());
+        assert_eq!(gic.cells("#address-cells"), Some(vec![2]));
+        assert_eq!(gic.property("ranges"), Some(&[][..]));
         assert_eq!(gic.cells("phandle"), Some(vec![GIC_PHANDLE]));
         assert_eq!(
             gic.u64s("reg"),

@@ -28,7 +28,7 @@ pub const LEGACY_TEXT_OFFSET: u64 = 0x8_0000;
 const PAGE_SIZE: u64 = 0x1000;
 
 /// Why a file is not a bootable arm64 `Image`. Carried by
-/// [`BootError::Arm64Image`](crate::boot::BootError::Arm64Image), whose message says what to
+/// [`BootError::Arm64Image`], whose message says what to
 /// pass instead.
 ///
 /// # Example

@@ -4,7 +4,7 @@
 //! Target-independent on purpose: it only computes addresses and writes guest memory, so its
 //! unit tests run on any host. The KVM specifics (vCPU init, the GICv3 device) live in the
 //! hypervisor backend, which takes the result as a neutral
-//! [`BootState`](crate::hypervisor::arch::aarch64::BootState).
+//! [`BootState`].
 //!
 //! Boot protocol (Linux `booting.rst`): the boot CPU enters the `Image` at its load address
 //! in EL1h with all of `DAIF` masked, the MMU off, `x0` = the device tree's physical address
@@ -22,8 +22,29 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::{BootError, KernelCmdline};
 use crate::devices::virtio::mmio::MmioSlot;
-use crate::hypervisor::arch::aarch64::BootState;
+pub use crate::hypervisor::arch::aarch64::BootState;
 use crate::memory::GuestMemory;
+
+/// The command line an arm64 guest gets from the builder's `cmdline`: without
+/// `virtio_mmio.device=` arguments (the device tree describes the devices; a kernel with
+/// `VIRTIO_MMIO_CMDLINE_DEVICES` would otherwise probe each twice), and with an `earlycon`
+/// argument for the MMIO 16550 unless the caller set one.
+///
+/// # Example
+/// ```
+/// use smolvm::arch::aarch64::guest_cmdline;
+/// use smolvm::boot::KernelCmdline;
+/// let c = guest_cmdline(&KernelCmdline::parse("quiet virtio_mmio.device=4K@0xc000000:16"));
+/// assert_eq!(c.to_string(), "quiet earlycon=uart,mmio,0xb000000");
+/// ```
+pub fn guest_cmdline(cmdline: &KernelCmdline) -> KernelCmdline {
+    let mut c = cmdline.clone();
+    c.remove("virtio_mmio.device");
+    if c.get("earlycon").is_none() {
+        c.set("earlycon", &format!("uart,mmio,{:#x}", layout::UART_START));
+    }
+    c
+}
 
 /// What [`configure_system`] needs besides guest memory.
 ///
@@ -108,6 +129,16 @@ pub fn configure_system(
 mod tests {
     use super::*;
     use crate::devices::virtio::mmio::MmioAllocator;
+
+    #[test]
+    fn guest_cmdline_keeps_a_callers_earlycon() {
+        let c = guest_cmdline(&KernelCmdline::parse("earlycon console=ttyS0"));
+        assert_eq!(c.to_string(), "earlycon console=ttyS0");
+        let c = guest_cmdline(&KernelCmdline::parse(
+            "virtio_mmio.device=4K@0xc000000:16 virtio_mmio.device=4K@0xc001000:17 init=/x",
+        ));
+        assert_eq!(c.to_string(), "init=/x earlycon=uart,mmio,0xb000000");
+    }
 
     #[test]
     fn boots_with_the_device_tree_in_x0() {
