@@ -16,7 +16,8 @@
 # target/ goes under $SMOLVM_CACHE/e2e), SMOLVM_E2E_QEMU_TIMEOUT (seconds, default 900),
 # SMOLVM_E2E_BOOT_TIMEOUT (per L2 boot, seconds, default 240), SMOLVM_E2E_OUT (where logs go,
 # default target/e2e-out), SMOLVM_E2E_SMP (L1 CPUs, default 2), SMOLVM_E2E_IGNORE_PROBE=1
-# (--direct: run even where smolvm::probe() says Linux cannot boot, to test the asset builds).
+# (--direct: run even where smolvm::probe() says Linux cannot boot, to test the asset builds),
+# SMOLVM_E2E_TARGET_DIR (cargo target dir of the runner and agent, default target/e2e-<arch>).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -153,7 +154,7 @@ fetch_packages() {
 
 # --- 3. binaries: the runner and the guest agent ------------------------------------------
 build_binaries() {
-    local tdir="$root/target/e2e-$arch"
+    local tdir="${SMOLVM_E2E_TARGET_DIR:-$root/target/e2e-$arch}"
     if [ "$cross" = 1 ]; then
         # Debian's toolchain: it has the arm64 standard library (rustup here has not).
         local linker_var
