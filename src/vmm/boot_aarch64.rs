@@ -63,7 +63,11 @@ pub(super) fn load_guest(cfg: &VmBuilder, memory: &GuestMemory) -> Result<BootSt
         .as_deref()
         .ok_or_else(|| Error::Config("no kernel: call .kernel(path) with an arm64 Image".into()))?;
     let mut virtio = virtio_allocator();
-    for _ in 0..cfg.block_devices.len() + cfg.net_devices.len() {
+    #[cfg(target_os = "linux")]
+    let vsock_count = usize::from(cfg.vsock.is_some());
+    #[cfg(not(target_os = "linux"))]
+    let vsock_count = 0;
+    for _ in 0..cfg.block_devices.len() + cfg.net_devices.len() + vsock_count {
         virtio
             .allocate()
             .map_err(|e| Error::Config(format!("virtio devices: {}", virtio_exhausted(e))))?;

@@ -60,6 +60,12 @@ pub struct KvmVm {
     /// The in-kernel GICv3, once created.
     #[cfg(target_arch = "aarch64")]
     gic: Mutex<Option<kvm_ioctls::DeviceFd>>,
+    /// irqfds asked for before the GIC exists: arm64 KVM refuses `KVM_IRQFD` with `EAGAIN`
+    /// until the vGIC is initialised (`kvm_arch_intc_initialized`), which can only happen
+    /// after the vCPUs exist, while devices wire their interrupts before that. They are
+    /// registered right after `CTRL_INIT`. Each holds a duplicate of the caller's eventfd.
+    #[cfg(target_arch = "aarch64")]
+    pending_irqfds: Mutex<Vec<(EventFd, u32)>>,
 }
 
 impl KvmVm {
@@ -73,6 +79,7 @@ impl KvmVm {
             caps: caps.clone(),
             vcpu_target,
             gic: Mutex::new(None),
+            pending_irqfds: Mutex::new(Vec::new()),
         })
     }
 
@@ -160,6 +167,15 @@ impl Vm for KvmVm {
             ));
         }
         *gic = Some(super::aarch64::create_gic(&self.fd)?);
+        let pending = std::mem::take(
+            &mut *self
+                .pending_irqfds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (fd, gsi) in &pending {
+            self.fd.register_irqfd(fd, *gsi).map_err(err("KVM_IRQFD"))?;
+        }
         Ok(())
     }
 
@@ -249,10 +265,43 @@ impl Vm for KvmVm {
         if !self.caps.irqfd {
             return Err(HypervisorError::Unsupported("KVM_IRQFD"));
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // Hold the GIC lock so that create_irqchip cannot run between the check and the
+            // push.
+            let gic = self.gic.lock().unwrap_or_else(|e| e.into_inner());
+            if gic.is_none() {
+                let dup = fd.try_clone().map_err(|e| {
+                    HypervisorError::InvalidArgument(format!("duplicating an irqfd: {e}"))
+                })?;
+                self.pending_irqfds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((dup, gsi));
+                return Ok(());
+            }
+        }
         self.fd.register_irqfd(fd, gsi).map_err(err("KVM_IRQFD"))
     }
 
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        #[cfg(target_arch = "aarch64")]
+        {
+            let gic = self.gic.lock().unwrap_or_else(|e| e.into_inner());
+            if gic.is_none() {
+                // Not registered with KVM yet: forget the pending one for this line (every
+                // eventfd is the same anonymous inode, so the GSI is what identifies it).
+                let _ = fd;
+                let mut pending = self
+                    .pending_irqfds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some(i) = pending.iter().position(|(_, g)| *g == gsi) {
+                    pending.remove(i);
+                }
+                return Ok(());
+            }
+        }
         self.fd
             .unregister_irqfd(fd, gsi)
             .map_err(err("KVM_IRQFD (deassign)"))
