@@ -322,6 +322,25 @@ run_direct() {
     timeout -k 10 "${SMOLVM_E2E_QEMU_TIMEOUT:-900}" \
         "$runner_bin" run --assets "$run" --out "$out" 2>"$out/runner.stderr" | tee "$rlog" || true
     results="$rlog"
+    if [ "$arch" = x86_64 ]; then
+        boot_alpine_flow >>"$rlog"
+    fi
+}
+
+# The README's first command, end to end (x86_64 hardware KVM): builds or reuses the cached
+# microVM kernel and rootfs (guest/kernel, guest/rootfs), boots, waits for the agent, runs
+# `cat /etc/os-release`, powers off. Its timeline lines become DATA.
+boot_alpine_flow() {
+    local blog="$out/boot_alpine.log"
+    log "running cargo run --release --example boot_alpine (log: $blog)"
+    if timeout -k 10 1800 cargo run --release --example boot_alpine >"$blog" 2>&1 &&
+        grep -q '^ID=' "$blog"; then
+        echo "PASS boot_alpine.flow"
+    else
+        echo "FAIL boot_alpine.flow: exit or output wrong (see $blog)"
+    fi
+    sed -n 's/^  \(VMM set-up done\|kernel: first console output\|init started\|agent ready\) *\([0-9.]*\) ms.*/DATA boot_alpine.\1 \2ms/p' "$blog" |
+        tr ' ' '_' | sed 's/^DATA_boot_alpine\./DATA boot_alpine./; s/_\([0-9.]*ms\)$/ \1/'
 }
 
 summarise() {
