@@ -17,6 +17,7 @@
 # SMOLVM_E2E_BOOT_TIMEOUT (per L2 boot, seconds, default 240), SMOLVM_E2E_OUT (where logs go,
 # default target/e2e-out), SMOLVM_E2E_SMP (L1 CPUs, default 2), SMOLVM_E2E_IGNORE_PROBE=1
 # (--direct: run even where smolvm::probe() says Linux cannot boot, to test the asset builds),
+# SMOLVM_E2E_L2_KERNEL (an arm64 Image / x86 kernel to boot instead of Debian's),
 # SMOLVM_E2E_TARGET_DIR (cargo target dir of the runner and agent, default target/e2e-<arch>).
 set -euo pipefail
 
@@ -142,7 +143,15 @@ fetch_packages() {
     kdir="$(fetch_deb "$kpkg:$debarch")"
     bbdir="$(fetch_deb "busybox-static:$debarch")"
     kernel_image="$(ls "$kdir"/root/boot/vmlinuz-* | head -n1)"
+    l1_kernel="$kernel_image" # the emulated machine (L1) always runs Debian's kernel
     kver="${kernel_image##*/vmlinuz-}"
+    # SMOLVM_E2E_L2_KERNEL: boot another guest kernel instead (e.g. the microVM kernel from
+    # guest/kernel/build.sh, whose drivers are built in: the modules then fail to load,
+    # harmlessly, and the checks run against the built-in drivers).
+    if [ -n "${SMOLVM_E2E_L2_KERNEL:-}" ]; then
+        kernel_image="$SMOLVM_E2E_L2_KERNEL"
+        log "L2 kernel: $kernel_image (SMOLVM_E2E_L2_KERNEL)"
+    fi
     moddir="$kdir/root/lib/modules/$kver"
     [ -d "$moddir" ] || die "no modules in $kdir for $kver"
     # The package ships no modules.dep (the installer runs depmod): make one.
@@ -234,7 +243,7 @@ L2_MODULES=(virtio_mmio virtio_blk virtio_net vmw_vsock_virtio_transport ext4 cr
 build_guest_assets() {
     local key
     key="$(cat "$runner_bin" "$agent_bin" "$here/init-l2.sh" "$here/run.sh" "$kdir/.done" \
-        "$bbdir/.done" | sha256sum | cut -c1-16)"
+        "$bbdir/.done" "$kernel_image" | sha256sum | cut -c1-16)"
     assets="$cache/build/assets-$arch-$key"
     if [ -e "$assets/.done" ]; then
         log "cached guest assets: $assets"
@@ -276,7 +285,7 @@ build_l1() {
     for v in SMOLVM_E2E_BOOT_TIMEOUT SMOLVM_E2E_ONLY SMOLVM_E2E_EXTRA_BOOTS SMOLVM_E2E_EXTRA_HALT_PROBE; do
         [ -n "${!v:-}" ] && printf 'export %s=%q\n' "$v" "${!v}" >>"$envfile"
     done
-    key="$(cat "$assets/initrd" "$runner_bin" "$here/init-l1.sh" "$envfile" | sha256sum | cut -c1-16)"
+    key="$(cat "$assets/initrd" "$assets/kernel" "$runner_bin" "$here/init-l1.sh" "$envfile" | sha256sum | cut -c1-16)"
     l1="$cache/build/l1-$key"
     if [ -e "$l1/.done" ]; then
         rm -f "$envfile"
@@ -306,7 +315,7 @@ run_l1() {
     log "booting L1 (qemu-system-aarch64 TCG, nested KVM); console: $qlog"
     timeout --foreground -k 10 "${SMOLVM_E2E_QEMU_TIMEOUT:-900}" \
         nice qemu-system-aarch64 -M virt,virtualization=on,gic-version=3 -cpu max -accel tcg \
-        -smp "${SMOLVM_E2E_SMP:-2}" -m 3072 -kernel "$assets/kernel" -initrd "$l1/initrd" \
+        -smp "${SMOLVM_E2E_SMP:-2}" -m 3072 -kernel "$l1_kernel" -initrd "$l1/initrd" \
         -append "console=ttyAMA0 rdinit=/init loglevel=4" \
         -nographic -no-reboot -monitor none -serial stdio </dev/null 2>&1 |
         sed -u 's/\r$//' | tee "$qlog" |
