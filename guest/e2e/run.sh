@@ -19,6 +19,9 @@
 # (--direct: run even where smolvm::probe() says Linux cannot boot, to test the asset builds),
 # SMOLVM_E2E_L2_KERNEL (an arm64 Image / x86 kernel to boot instead of Debian's),
 # SMOLVM_E2E_TARGET_DIR (cargo target dir of the runner and agent, default target/e2e-<arch>).
+# With SMOLVM_E2E_L2_KERNEL set, the suite also boots guest/rootfs/build.sh's root file system
+# (check rootfs.boot; SMOLVM_ROOTFS_OFFLINE defaults to 1 here: the busybox variant, from
+# Debian's busybox-static; SMOLVM_ROOTFS_OFFLINE=0 tries Alpine first).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -32,7 +35,7 @@ while [ $# -gt 0 ]; do
         --arch) arch="${2:?--arch needs a value}"; shift 2 ;;
         --arch=*) arch="${1#--arch=}"; shift ;;
         --direct) direct=1; shift ;;
-        -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "run.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
@@ -240,10 +243,24 @@ mkcpio() { # DIR OUT
 L2_MODULES=(virtio_mmio virtio_blk virtio_net vmw_vsock_virtio_transport ext4 crc32c_generic
     crc32c-arm64 crc32c_intel)
 
+# Only a kernel with virtio and ext4 built in (the microVM kernel, SMOLVM_E2E_L2_KERNEL) can
+# mount a root file system without an initramfs: the rootfs.boot check needs one.
+build_rootfs() {
+    rootfs_image=""
+    [ -n "${SMOLVM_E2E_L2_KERNEL:-}" ] || return 0
+    rootfs_image="$(SMOLVM_AGENT_BIN="$agent_bin" SMOLVM_BUSYBOX="$bbdir/root/bin/busybox" \
+        SMOLVM_ROOTFS_OFFLINE="${SMOLVM_ROOTFS_OFFLINE:-1}" \
+        SMOLVM_ROOTFS_SIZE_MIB="${SMOLVM_ROOTFS_SIZE_MIB:-32}" \
+        nice bash "$root/guest/rootfs/build.sh" "$arch")" || die "guest/rootfs/build.sh failed"
+    [ -f "$rootfs_image" ] || die "guest/rootfs/build.sh printed no image ($rootfs_image)"
+    log "root file system: $rootfs_image"
+}
+
 build_guest_assets() {
     local key
+    build_rootfs
     key="$(cat "$runner_bin" "$agent_bin" "$here/init-l2.sh" "$here/run.sh" "$kdir/.done" \
-        "$bbdir/.done" "$kernel_image" | sha256sum | cut -c1-16)"
+        "$bbdir/.done" "$kernel_image" ${rootfs_image:+"$rootfs_image"} | sha256sum | cut -c1-16)"
     assets="$cache/build/assets-$arch-$key"
     if [ -e "$assets/.done" ]; then
         log "cached guest assets: $assets"
@@ -271,6 +288,9 @@ build_guest_assets() {
         mkfs.ext4 -q -F -L "e2e-$label" -O ^has_journal -d "$a/diskroot" "$a/$label.img" 8M >/dev/null
     done
     rm -rf "$a/diskroot"
+    if [ -n "$rootfs_image" ]; then
+        cp --sparse=always "$rootfs_image" "$a/rootfs.ext4"
+    fi
     touch "$a/.done"
     mv "$a" "$assets"
     log "guest assets: $assets ($(du -sh "$assets" | cut -f1))"
@@ -285,7 +305,10 @@ build_l1() {
     for v in SMOLVM_E2E_BOOT_TIMEOUT SMOLVM_E2E_ONLY SMOLVM_E2E_EXTRA_BOOTS SMOLVM_E2E_EXTRA_HALT_PROBE; do
         [ -n "${!v:-}" ] && printf 'export %s=%q\n' "$v" "${!v}" >>"$envfile"
     done
-    key="$(cat "$assets/initrd" "$assets/kernel" "$runner_bin" "$here/init-l1.sh" "$envfile" | sha256sum | cut -c1-16)"
+    local rootfs_asset=()
+    [ -f "$assets/rootfs.ext4" ] && rootfs_asset=("$assets/rootfs.ext4")
+    key="$(cat "$assets/initrd" "$assets/kernel" "$runner_bin" "$here/init-l1.sh" "$envfile" \
+        "${rootfs_asset[@]}" | sha256sum | cut -c1-16)"
     l1="$cache/build/l1-$key"
     if [ -e "$l1/.done" ]; then
         rm -f "$envfile"
@@ -302,6 +325,7 @@ build_l1() {
     cp "$envfile" "$r/e2e/env"
     rm -f "$envfile"
     cp "$assets"/{kernel,initrd,rw.img,ov.img,ro.img,hello.txt} "$r/e2e/assets/"
+    [ ${#rootfs_asset[@]} -gt 0 ] && cp "${rootfs_asset[0]}" "$r/e2e/assets/rootfs.ext4"
     copy_modules "$r" tun
     mkcpio "$r" "$l1.tmp/initrd"
     rm -rf "$r"
@@ -327,6 +351,7 @@ run_direct() {
     local rlog="$out/runner.log" run="$out/run"
     rm -rf "$run" && mkdir -p "$run"
     cp "$assets"/{kernel,initrd,rw.img,ov.img,ro.img,hello.txt} "$run/"
+    [ -f "$assets/rootfs.ext4" ] && cp --sparse=always "$assets/rootfs.ext4" "$run/"
     log "running the suite on this host's KVM"
     timeout -k 10 "${SMOLVM_E2E_QEMU_TIMEOUT:-900}" \
         "$runner_bin" run --assets "$run" --out "$out" 2>"$out/runner.stderr" | tee "$rlog" || true

@@ -110,6 +110,29 @@ alpine_tarball() {
     log "Alpine $ALPINE_VERSION: downloaded, sha256 verified"
 }
 
+# busybox_applets BUSYBOX: its applets (`--list-full`). A foreign-architecture busybox cannot
+# run here: then the host's busybox of the same version lists them (Debian builds both from
+# one configuration), else a fixed list of the applets init and the agent need.
+busybox_applets() {
+    local bb=$1 host want version=""
+    if "$bb" --list-full 2>/dev/null; then
+        return 0
+    fi
+    want="$(grep -a -o -m1 'BusyBox v[0-9][^ ]* ([^)]*)' "$bb" | head -n1 || true)"
+    host="$(command -v busybox || true)"
+    [ -n "$host" ] && version="$("$host" 2>&1 | head -n1 || true)"
+    if [ -n "$want" ] && [ "${version:-}" != "${version#*"$want"}" ]; then
+        log "$bb cannot run here: applet list from $host ($want)"
+        "$host" --list-full
+        return 0
+    fi
+    log "$bb cannot run here: installing a fixed list of applets"
+    printf '%s\n' bin/sh bin/ash bin/cat bin/cp bin/dd bin/echo bin/grep bin/hostname bin/ls \
+        bin/mkdir bin/mount bin/mv bin/ping bin/rm bin/sleep bin/sync bin/umount bin/uname \
+        sbin/ifconfig sbin/ip sbin/poweroff sbin/reboot sbin/halt usr/bin/env usr/bin/head \
+        usr/bin/id usr/bin/seq usr/bin/setsid usr/bin/sha256sum usr/bin/tail usr/bin/tr
+}
+
 # Prints the path of a static busybox for $arch.
 find_busybox() {
     local bb="${SMOLVM_BUSYBOX:-}"
@@ -187,7 +210,7 @@ else
         fi
         mkdir -p "$stage/$(dirname "$applet")"
         ln -s /bin/busybox "$stage/$applet"
-    done < <("$busybox" --list-full)
+    done < <(busybox_applets "$busybox")
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$stage/etc/passwd"
     printf 'root:x:0:\nnobody:x:65534:\n' >"$stage/etc/group"
     printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$stage/etc/hosts"

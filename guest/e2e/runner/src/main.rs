@@ -7,7 +7,8 @@
 //! smolvm-e2e probe
 //!     prints `SKIPPED: <reason>` and exits 0 when this host cannot boot Linux, else `OK`
 //! smolvm-e2e run --assets DIR --out DIR
-//!     DIR holds: kernel, initrd, rw.img, ov.img, ro.img, hello.txt
+//!     DIR holds: kernel, initrd, rw.img, ov.img, ro.img, hello.txt, and optionally
+//!     rootfs.ext4 (guest/rootfs/build.sh's image: adds boot C)
 //! ```
 //!
 //! Output, one line each: `PASS <check>`, `FAIL <check>: <why>`, `DATA <name> <value>`, then
@@ -19,6 +20,10 @@
 //!   guest powers off.
 //! - B: 2 vCPUs, no devices, `loglevel=6` so the kernel's first line shows when the kernel
 //!   starts; init prints the CPU count and reboots.
+//! - C (only when DIR has rootfs.ext4; needs a kernel with virtio and ext4 built in, such as
+//!   the microVM kernel): smolvm's root file system as the only disk (in-memory overlay),
+//!   `root=/dev/vda rw`, no initrd, vsock; `cat /etc/os-release` through the agent, then
+//!   `poweroff -f`.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -281,6 +286,7 @@ struct Assets {
     rw: PathBuf,
     ov: PathBuf,
     ro: PathBuf,
+    rootfs: PathBuf,
     hello: String,
     out: PathBuf,
 }
@@ -830,9 +836,93 @@ fn boot_smp_reboot(a: &Assets, r: &mut Report, vcpus: u32, action: &str, tag: &s
     }
 }
 
+/// Boot C: smolvm's root file system (guest/rootfs/build.sh) as the only disk, the way
+/// `examples/boot_alpine.rs` boots it: in-memory overlay, `root=/dev/vda rw`, no initrd.
+fn boot_rootfs(a: &Assets, r: &mut Report) {
+    const CHECK: &str = "rootfs.boot";
+    let boot_timeout = env_secs("SMOLVM_E2E_BOOT_TIMEOUT", 240);
+    let console = Console::default();
+    let disk = match DiskImage::open(&a.rootfs, DiskMode::Overlay(OverlayTarget::Memory)) {
+        Ok(d) => d,
+        Err(e) => return r.check(CHECK, Err(format!("rootfs.ext4: {e}"))),
+    };
+    let mut cmdline = KernelCmdline::default();
+    cmdline.append("root=/dev/vda rw");
+    let t0 = Instant::now();
+    let vm = VmBuilder::new()
+        .memory_mib(256)
+        .vcpus(1)
+        .kernel(&a.kernel)
+        .cmdline(cmdline)
+        .console_callback(console.sink())
+        .block_device(disk)
+        .vsock(VsockConfig::new(3))
+        .start();
+    let vm = match vm {
+        Ok(vm) => vm,
+        Err(e) => return r.check(CHECK, Err(format!("start: {e}"))),
+    };
+    let result = (|| {
+        vm.wait_agent_ready(boot_timeout).map_err(|e| {
+            format!(
+                "agent not ready: {e} (exit: {:?})",
+                vm.wait_timeout(Duration::ZERO)
+            )
+        })?;
+        r.data("rootfs.to_agent_ready", ms(t0.elapsed()));
+        let out = vm
+            .exec(
+                &Command::new("cat")
+                    .arg("/etc/os-release")
+                    .timeout(Duration::from_secs(60)),
+            )
+            .map_err(|e| format!("exec cat /etc/os-release: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(format!("cat /etc/os-release: {}; {text:?}", out.status));
+        }
+        let id = text.lines().find(|l| l.starts_with("ID="));
+        if !matches!(id, Some("ID=smolvm-busybox" | "ID=alpine")) {
+            return Err(format!("/etc/os-release has {id:?}: {text:?}"));
+        }
+        eprintln!("rootfs: {}", id.unwrap_or_default());
+        // The agent's connection dies with the guest: the call's own result does not matter.
+        let _ = vm.exec(
+            &Command::new("poweroff")
+                .arg("-f")
+                .timeout(Duration::from_secs(10)),
+        );
+        Ok(())
+    })();
+    let reason = vm.wait_timeout(Duration::from_secs(60)).unwrap_or_else(|| {
+        print_thread_activity("the rootfs power-off hang");
+        vm.stop();
+        ExitReason::Stopped
+    });
+    r.data("rootfs.to_exit", ms(t0.elapsed()));
+    save_console(a, "boot_rootfs", &console);
+    match result {
+        Err(why) => report_boot_failure(r, CHECK, why, &console),
+        Ok(()) if reason == ExitReason::PowerOff => r.check(CHECK, Ok(())),
+        // x86 microVM kernel: no ACPI, power-off halts (see power.poweroff).
+        Ok(()) if reason == ExitReason::Halted && cfg!(target_arch = "x86_64") => {
+            r.check(CHECK, Ok(()))
+        }
+        Ok(()) => report_boot_failure(
+            r,
+            CHECK,
+            format!(
+                "VM ended with {reason} after `poweroff -f`, want {}",
+                ExitReason::PowerOff
+            ),
+            &console,
+        ),
+    }
+}
+
 fn usage() -> ! {
     eprintln!(
-        "usage: smolvm-e2e probe | smolvm-e2e run --assets DIR --out DIR [--only devices|smp]"
+        "usage: smolvm-e2e probe | smolvm-e2e run --assets DIR --out DIR [--only devices|smp|rootfs]"
     );
     std::process::exit(2)
 }
@@ -881,6 +971,7 @@ fn main() {
         rw: dir.join("rw.img"),
         ov: dir.join("ov.img"),
         ro: dir.join("ro.img"),
+        rootfs: dir.join("rootfs.ext4"),
         hello,
         out,
     };
@@ -891,6 +982,9 @@ fn main() {
     }
     if only.is_none() || only.as_deref() == Some("smp") {
         boot_smp_reboot(&a, &mut r, 2, "reboot", "boot_smp", "");
+    }
+    if (only.is_none() || only.as_deref() == Some("rootfs")) && a.rootfs.is_file() {
+        boot_rootfs(&a, &mut r);
     }
     r.data("suite.total", ms(t.elapsed()));
     // Diagnostic boots: SMOLVM_E2E_EXTRA_BOOTS="VCPUS:ACTION[:LOGLEVEL] ..." (reported as
