@@ -733,7 +733,6 @@ fn boot_devices(a: &Assets, r: &mut Report) {
 /// experiments (`SMOLVM_E2E_EXTRA_BOOTS`); `tag` names its checks and data.
 fn boot_smp_reboot(a: &Assets, r: &mut Report, vcpus: u32, action: &str, tag: &str, append: &str) {
     let boot_timeout = env_secs("SMOLVM_E2E_BOOT_TIMEOUT", 240);
-    let console = Console::default();
     let mut cmdline = base_cmdline(false);
     cmdline.set("smolvm_e2e", action);
     if !append.is_empty() {
@@ -762,29 +761,58 @@ fn boot_smp_reboot(a: &Assets, r: &mut Report, vcpus: u32, action: &str, tag: &s
     } else {
         Some(Duration::from_millis(200)) // the default
     };
-    let t0 = Instant::now();
-    let vm = VmBuilder::new()
-        .memory_mib(512)
-        .halt_probe(halt_probe)
-        .vcpus(vcpus)
-        .kernel(&a.kernel)
-        .initrd(&a.initrd)
-        .cmdline(cmdline)
-        .console_callback(console.sink())
-        .start();
-    let vm = match vm {
-        Ok(vm) => vm,
-        Err(e) => {
-            r.check(&cpu_check, Err(format!("start: {e}")));
-            r.check(&power_check, Err(format!("start: {e}")));
-            return;
-        }
+    // The 2-vCPU reboot sometimes hangs after `reboot -f` under nested KVM (root cause not
+    // found; see guest/e2e/README.md): one more attempt, and the hang is reported as DATA, so
+    // a flake is visible without failing the run. A second hang fails the check.
+    let attempts = if tag == "boot_smp" { 2 } else { 1 };
+    // A normal 2-vCPU boot and reboot takes 5-15 s here: don't wait the full boot timeout
+    // for a hang that will be retried.
+    let boot_timeout = if attempts > 1 {
+        boot_timeout.min(Duration::from_secs(120))
+    } else {
+        boot_timeout
     };
-    let reason = vm.wait_timeout(boot_timeout).unwrap_or_else(|| {
-        print_thread_activity(&format!("the {tag} hang"));
-        vm.stop();
-        ExitReason::Stopped
-    });
+    let mut hung = 0;
+    let (console, reason, t0) = loop {
+        let console = Console::default();
+        let t0 = Instant::now();
+        let vm = VmBuilder::new()
+            .memory_mib(512)
+            .halt_probe(halt_probe)
+            .vcpus(vcpus)
+            .kernel(&a.kernel)
+            .initrd(&a.initrd)
+            .cmdline(cmdline.clone())
+            .console_callback(console.sink())
+            .start();
+        let vm = match vm {
+            Ok(vm) => vm,
+            Err(e) => {
+                r.check(&cpu_check, Err(format!("start: {e}")));
+                r.check(&power_check, Err(format!("start: {e}")));
+                return;
+            }
+        };
+        let reason = vm.wait_timeout(boot_timeout).unwrap_or_else(|| {
+            print_thread_activity(&format!("the {tag} hang"));
+            vm.stop();
+            ExitReason::Stopped
+        });
+        let hang_after_action =
+            reason == ExitReason::Stopped && console.text().contains(CPUS_MARKER.trim_end());
+        if hang_after_action && hung + 1 < attempts {
+            hung += 1;
+            eprintln!(
+                "{tag}: attempt {hung} hung after `{action} -f` ({boot_timeout:?}); trying again"
+            );
+            save_console(a, &format!("{tag}.hung{hung}"), &console);
+            continue;
+        }
+        break (console, reason, t0);
+    };
+    if attempts > 1 {
+        r.data(&format!("{tag}.hung_attempts"), hung.to_string());
+    }
     let end = t0.elapsed();
     save_console(a, tag, &console);
     let (first, init) = console.times();
