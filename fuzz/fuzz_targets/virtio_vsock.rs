@@ -76,6 +76,10 @@ struct Guest {
     avail: [u16; 3],
     /// Rx buffer sizes by descriptor index, for the used-length check.
     rx_len: [u32; SIZE as usize],
+    /// Rx descriptors the device owns (published, not yet returned). Like a real driver, the
+    /// harness never rewrites one of those: the device may already hold it (its length read at
+    /// pop time), and a used length checked against the rewritten size would be a false alarm.
+    rx_outstanding: [bool; SIZE as usize],
     used_seen: u16,
     tx_n: u16,
     features: u64,
@@ -88,6 +92,7 @@ impl Guest {
             .unwrap();
         self.avail = [0; 3];
         self.used_seen = 0;
+        self.rx_outstanding = [false; SIZE as usize];
         let queues = (0..3)
             .map(|i| {
                 let mut q = Queue::new(256);
@@ -144,6 +149,7 @@ impl Guest {
             if let Some(&size) = self.rx_len.get(id as usize) {
                 assert!(len <= size, "rx used length {len} > buffer {size}");
                 assert!(len == 0 || len >= HDR_LEN as u32, "rx used length {len}");
+                self.rx_outstanding[id as usize] = false;
             }
             self.used_seen = self.used_seen.wrapping_add(1);
         }
@@ -177,6 +183,7 @@ fuzz_target!(|data: &[u8]| {
         mem,
         avail: [0; 3],
         rx_len: [0; SIZE as usize],
+        rx_outstanding: [false; SIZE as usize],
         used_seen: 0,
         tx_n: 0,
         features,
@@ -248,8 +255,12 @@ fuzz_target!(|data: &[u8]| {
                 let size = u32::from(input.byte().unwrap_or(0)) * 64;
                 for _ in 0..n {
                     let i = g.avail[0] % SIZE;
+                    if g.rx_outstanding[usize::from(i)] {
+                        break; // still the device's: wait for it to come back
+                    }
                     g.desc(0, i, DATA + 0x8_0000 + u64::from(i) * 0x4000, size, 2, 0);
                     g.rx_len[usize::from(i)] = size;
+                    g.rx_outstanding[usize::from(i)] = true;
                     g.publish(0, i);
                 }
                 while dev.queue_notify(0) {}
@@ -290,12 +301,18 @@ fuzz_target!(|data: &[u8]| {
                 pump(&mut dev);
             }
             _ => {
+                // A driver scribbling on the device-owned used ring (flags, entry 0). The
+                // index is put back: the device never reads the ring, and the harness can only
+                // check entries the device wrote after its last check, which a junk index
+                // would make it read as if they were new (false alarms, not device bugs).
+                let idx: u16 = g.mem.read_obj(GuestAddress(base(0) + 0x2002)).unwrap();
                 let junk = input.take(8);
                 g.mem
                     .write_slice(junk, GuestAddress(base(0) + 0x2000))
                     .unwrap();
-                // The device owns the used ring: our bookkeeping follows what it published.
-                g.used_seen = g.mem.read_obj(GuestAddress(base(0) + 0x2002)).unwrap();
+                g.mem
+                    .write_obj(idx, GuestAddress(base(0) + 0x2002))
+                    .unwrap();
             }
         }
         g.check_rx();
