@@ -14,48 +14,12 @@
  * Runs until the VMM stops it.
  */
 #include "common.h"
+#include "virtio_mmio.h"
 
-#define VNET_BASE       0xd0000000
+#define DEV_BASE       0xd0000000
 #define VNET_VECTOR     0x41
 #define VNET_GSI        5
-#define TIMER_VECTOR    0x42
-#define TIMER_PERIOD    10000000        /* 10 ms at KVM's 1 GHz APIC bus, divide by 1 */
 
-#define LAPIC_LVT_TIMER 0x320
-#define LAPIC_TMR_INIT  0x380
-#define LAPIC_TMR_DIV   0x3e0
-
-#define VIRTIO_MAGIC    0x74726976
-#define R_MAGIC         0x000
-#define R_VERSION       0x004
-#define R_DEVICE_ID     0x008
-#define R_DEV_FEAT      0x010
-#define R_DEV_FEAT_SEL  0x014
-#define R_DRV_FEAT      0x020
-#define R_DRV_FEAT_SEL  0x024
-#define R_QUEUE_SEL     0x030
-#define R_QUEUE_NUM_MAX 0x034
-#define R_QUEUE_NUM     0x038
-#define R_QUEUE_READY   0x044
-#define R_QUEUE_NOTIFY  0x050
-#define R_INT_STATUS    0x060
-#define R_INT_ACK       0x064
-#define R_STATUS        0x070
-#define R_DESC_LO       0x080
-#define R_DESC_HI       0x084
-#define R_AVAIL_LO      0x090
-#define R_AVAIL_HI      0x094
-#define R_USED_LO       0x0a0
-#define R_USED_HI       0x0a4
-#define R_CONFIG        0x100           /* virtio_net_config: mac[6], status u16, ... */
-
-#define S_ACKNOWLEDGE   1
-#define S_DRIVER        2
-#define S_DRIVER_OK     4
-#define S_FEATURES_OK   8
-#define S_FAILED        0x80
-
-#define DESC_F_WRITE    2
 #define NET_F_MAC       (1 << 5)
 #define NET_HDR_LEN     12              /* virtio_net_hdr_v1 */
 #define ETH_HDR_LEN     14
@@ -88,7 +52,7 @@ _start:
         outb    %al, $0x21
         outb    %al, $0xa1
         movl    $VNET_VECTOR, %edi
-        leaq    vnet_irq(%rip), %rsi
+        leaq    dev_irq(%rip), %rsi
         call    set_gate
         movl    $TIMER_VECTOR, %edi
         leaq    timer_irq(%rip), %rsi
@@ -108,7 +72,7 @@ _start:
         movl    $(0x10 + 2 * VNET_GSI), (%rbx)
         movl    $VNET_VECTOR, 0x10(%rbx)
 
-        movl    $VNET_BASE, %ebx
+        movl    $DEV_BASE, %ebx
         movl    R_MAGIC(%rbx), %eax
         cmpl    $VIRTIO_MAGIC, %eax
         jne     no_device
@@ -280,65 +244,7 @@ repost: /* Give the receive buffer back. */
         movl    $RX_Q, R_QUEUE_NOTIFY(%rbx)
         jmp     echo_loop
 
-/* setup_queue: %edi = queue index, %esi = descriptor table (avail +0x1000, used +0x2000). */
-setup_queue:
-        movl    %edi, R_QUEUE_SEL(%rbx)
-        movl    R_QUEUE_NUM_MAX(%rbx), %eax
-        cmpl    $QSIZE, %eax
-        jb      queue_too_small
-        movl    $QSIZE, R_QUEUE_NUM(%rbx)
-        movl    %esi, R_DESC_LO(%rbx)
-        movl    $0, R_DESC_HI(%rbx)
-        leal    0x1000(%rsi), %eax
-        movl    %eax, R_AVAIL_LO(%rbx)
-        movl    $0, R_AVAIL_HI(%rbx)
-        leal    0x2000(%rsi), %eax
-        movl    %eax, R_USED_LO(%rbx)
-        movl    $0, R_USED_HI(%rbx)
-        movl    $1, R_QUEUE_READY(%rbx)
-        ret
-
-no_device:
-        leaq    msg_no_device(%rip), %rsi
-        call    puts
-        jmp     reset
-features_rejected:
-        leaq    msg_features(%rip), %rsi
-        jmp     fail_device
-queue_too_small:
-        leaq    msg_queue(%rip), %rsi
-        jmp     fail_device
-driver_ok_rejected:
-        leaq    msg_driver_ok(%rip), %rsi
-        jmp     fail_device
-bad_used:
-        leaq    msg_bad_used(%rip), %rsi
-fail_device:
-        call    puts
-        movl    $VNET_BASE, %ebx
-        movl    R_STATUS(%rbx), %eax
-        orl     $S_FAILED, %eax
-        movl    %eax, R_STATUS(%rbx)
-        jmp     reset
-
-vnet_irq:
-        pushq   %rax
-        pushq   %rbx
-        movl    $VNET_BASE, %ebx
-        movl    R_INT_STATUS(%rbx), %eax
-        movl    %eax, R_INT_ACK(%rbx)
-        movl    $LAPIC_BASE, %ebx
-        movl    $0, LAPIC_EOI(%rbx)
-        popq    %rbx
-        popq    %rax
-        iretq
-
-timer_irq:
-        pushq   %rbx
-        movl    $LAPIC_BASE, %ebx
-        movl    $0, LAPIC_EOI(%rbx)
-        popq    %rbx
-        iretq
+#include "virtio_driver.S"
 
         .section .rodata
 msg_ready:      .asciz "virtio-net ready\n"
