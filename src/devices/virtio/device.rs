@@ -85,6 +85,20 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// Copies `data.len()` bytes of a device configuration space `config` starting at `offset`
+/// (driver-controlled), reading zeros past its end: what every device's
+/// [`VirtioDevice::read_config`] does with a plain byte image of its configuration.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 bitflags::bitflags! {
     /// Readiness of a host file descriptor: what a device asks the event loop to watch for
     /// ([`HostEvent::interest`]) and what the loop reports ([`VirtioDevice::host_event`]).

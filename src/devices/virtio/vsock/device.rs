@@ -596,14 +596,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::devices::virtio::device::read_config_bytes(&config, offset, data)
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
